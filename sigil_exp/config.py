@@ -1,0 +1,307 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+The root schema (`RunConfig`) types each group, so a typo such as `lora.rr=4` fails at compose
+time with Hydra's "Key 'rr' not in 'LoraConfig'" message, and `quant=nf5` fails with the list
+of available options. `validate()` holds the rules that span groups; each failure is one
+sentence naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class SigilError(Exception):
+    """A user-facing failure: the message is one sentence naming the key or file and the fix."""
+
+
+# --------------------------------------------------------------------------------------- model
+@dataclass
+class TinyModelConfig:
+    """Shape of the Llama built locally (random weights) when `model.build_tiny` is set."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 1024  # BPE trained offline on the bundled Rust corpus
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in run names, e.g. llama3.1-8b-instruct
+    name_or_path: str = MISSING  # hub id or local directory
+    revision: Optional[str] = None  # hub revision (branch, tag or commit); None = default branch
+    max_seq_len: int = 2048
+    use_chat_template: bool = False  # format examples with the tokenizer's chat template
+    trust_remote_code: bool = False
+    # When set, the model is built locally (random weights + offline tokenizer) into
+    # name_or_path if that directory does not exist yet. Used by `model=tiny`.
+    build_tiny: Optional[TinyModelConfig] = None
+
+
+# --------------------------------------------------------------------------------------- quant
+@dataclass
+class QuantConfig:
+    method: str = "nf4"  # nf4 | fp4 | int8 | none
+    double_quant: bool = True  # quantise the quantisation constants too (~0.4 bit/param saved)
+    compute_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    quant_storage: str = "uint8"  # uint8 | bfloat16 (bfloat16 needed for FSDP-sharded QLoRA)
+
+
+# ---------------------------------------------------------------------------------------- lora
+@dataclass
+class LoraConfig:
+    name: str = "all"  # preset label used in run names: all | attn | mlp | custom
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    bias: str = "none"  # none | all | lora_only
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # weight-decomposed LoRA; slower per step
+    init_weights: str = "default"  # default | gaussian | pissa | olora
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass
+class SourceConfig:
+    """One data source. `kind` picks the loader; unused fields are ignored by other kinds."""
+
+    kind: str = "jsonl"  # jsonl | parquet | rust_dir | hf
+    path: str = MISSING  # file, directory, glob, or hub id (kind=hf); pkg:// = bundled asset
+    weight: float = 1.0  # relative share when mixing several sources
+    name: Optional[str] = None  # label in stats; default derived from path
+    split: str = "train"  # kind=hf: the split to read
+    subset: Optional[str] = None  # kind=hf: the config name (e.g. data/rust)
+    streaming: bool = False  # kind=hf: stream instead of downloading the whole split
+    text_field: Optional[str] = None  # kind=hf/parquet: column holding raw text
+    max_records: Optional[int] = None  # cap per source (after filters); None = all
+
+
+@dataclass
+class FilterConfig:
+    skip_paths: list[str] = field(
+        default_factory=lambda: ["vendor/", "target/", "node_modules/", "third_party/", ".git/", "generated", "/build/", "/out/"]
+    )
+    tests: str = "keep"  # keep | strip (remove #[cfg(test)] modules) | drop (drop test files)
+    drop_benches: bool = False
+    drop_examples: bool = False
+    min_chars: int = 20
+    max_chars: int = 200_000
+    prefer_documented: bool = False  # keep only code with doc comments (///, //!)
+    prefer_idiomatic: bool = False  # keep only code whose idiomatic/low-quality ratio passes
+    min_idiomatic_ratio: float = 1.0  # idiomatic markers per low-quality marker
+    dedup: str = "exact"  # none | exact | minhash (near-duplicates too)
+    minhash_threshold: float = 0.85  # Jaccard similarity above which two files are duplicates
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    sources: list[SourceConfig] = field(default_factory=list)
+    format: str = "completion"  # completion (loss on gen) | text (loss on all) | chat (assistant turn)
+    mix: str = "weighted"  # weighted | sequential | round_robin
+    task_weights: dict[str, float] = field(default_factory=dict)  # e.g. {error_fixing: 2.0}
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    val_fraction: float = 0.1  # by content hash: stable when sources are added
+    overlong: str = "split"  # split (into max_seq_len chunks) | truncate | drop
+    on_error: str = "raise"  # raise | skip (count malformed records instead of failing)
+    num_proc: int = 2  # preprocessing workers
+    cache: bool = True  # cache the processed dataset keyed by data config + tokenizer
+    max_examples: Optional[int] = None  # cap after mixing (smoke runs)
+
+
+# ------------------------------------------------------------------------------------ hardware
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: str = "cuda"  # cuda | cpu
+    precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast for the trainable path)
+    micro_batch_size: int = 4
+    grad_accum: int = 4
+    gradient_checkpointing: bool = True
+    checkpointing_reentrant: bool = False  # non-reentrant is faster and works with frozen inputs
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    optimizer: str = "paged_adamw_8bit"  # any transformers optim name
+    dataloader_workers: int = 2
+    packing: bool = True  # padding-free packing with per-document position ids
+    liger_kernel: bool = False  # fused RMSNorm/SwiGLU/RoPE/linear-cross-entropy (needs [fast] extra)
+    upcast_non_lora: bool = True  # prepare_model_for_kbit_training: fp32 norms/embeddings/lm_head
+    torch_compile: bool = False
+    gpu_memory_gb: Optional[float] = None  # card size the preset is tuned for (preflight)
+
+
+# --------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    lr: float = 2e-4
+    scheduler: str = "cosine"  # cosine | linear | constant | constant_with_warmup
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int = 100  # 0 = only at the end
+    save_steps: int = 500
+    save_total_limit: int = 2
+    init_adapter: Optional[str] = None  # start from this adapter (phase 2)
+    resume: Optional[str] = None  # null | auto (last checkpoint in the run folder) | <checkpoint path>
+
+
+# ---------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalConfig:
+    enabled: bool = False  # run the Rust compile/test evaluation after training
+    problems: str = "pkg://assets/rust_problems.jsonl"
+    limit: Optional[int] = None  # evaluate only the first N problems
+    n_samples: int = 1  # completions per problem (pass@k needs n >= k)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    edition: str = "2021"
+    timeout_s: float = 10.0  # per test run (wall clock)
+    workers: int = 2
+    clippy: bool = False
+
+
+# --------------------------------------------------------------------------------------- wandb
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (sync later) | online | disabled
+    project: str = "sigil_exp"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the sweep folder's name in a multirun, else none
+    name: Optional[str] = None  # default: derived from the config, e.g. r32-a16-all
+    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"
+
+
+# ---------------------------------------------------------------------------------------- root
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    lora: LoraConfig = MISSING
+    data: DataConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    experiment: str = "default"  # set by experiment/*.yaml; used in tags and run names
+    phase: int = 1  # 1 = broad corpus; 2 = refinement from a phase-1 adapter
+    cache_dir: str = "~/.cache/sigil_exp"  # tiny models and processed datasets
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    # The root schema types every group (model: ModelConfig, ...), so each group's yaml files are
+    # checked against their dataclass without a per-group schema entry in the defaults lists.
+    cs.store(name="run_schema", node=RunConfig)
+
+
+def _mul(a: Any, b: Any) -> float:
+    return float(a) * float(b)
+
+
+def register_resolvers() -> None:
+    # `lora.alpha: ${mul:2,${lora.r}}` ties alpha to rank (alpha = 2r).
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", _mul)
+
+
+register_resolvers()
+register_configs()
+
+
+# ---------------------------------------------------------------------------------- validation
+_CHOICES = {
+    "quant.method": ("nf4", "fp4", "int8", "none"),
+    "quant.compute_dtype": ("bfloat16", "float16", "float32"),
+    "quant.quant_storage": ("uint8", "bfloat16"),
+    "lora.bias": ("none", "all", "lora_only"),
+    "lora.init_weights": ("default", "gaussian", "pissa", "olora"),
+    "data.format": ("completion", "text", "chat"),
+    "data.mix": ("weighted", "sequential", "round_robin"),
+    "data.overlong": ("split", "truncate", "drop"),
+    "data.on_error": ("raise", "skip"),
+    "data.filters.tests": ("keep", "strip", "drop"),
+    "data.filters.dedup": ("none", "exact", "minhash"),
+    "hardware.device": ("cuda", "cpu"),
+    "hardware.precision": ("bf16", "fp16", "fp32"),
+    "hardware.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
+    "wandb.mode": ("offline", "online", "disabled"),
+}
+
+_PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def validate(cfg: DictConfig | RunConfig) -> None:
+    """Cross-group rules the schema cannot express. Raises SigilError with one sentence."""
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else _get(cfg, key)
+        if value not in allowed:
+            raise SigilError(f"{key}={value!r} is not one of {', '.join(allowed)}; set {key} to one of them.")
+    q, lora, hw, tr, data = cfg.quant, cfg.lora, cfg.hardware, cfg.train, cfg.data
+    if lora.r <= 0:
+        raise SigilError(f"lora.r={lora.r} must be a positive integer; try lora.r=16.")
+    if lora.alpha <= 0 or not math.isfinite(lora.alpha):
+        raise SigilError(f"lora.alpha={lora.alpha} must be positive; try lora.alpha=16 or lora.alpha='${{lora.r}}'.")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise SigilError(f"lora.dropout={lora.dropout} must be in [0, 1); the default is 0.05.")
+    if not lora.target_modules:
+        raise SigilError("lora.target_modules is empty; pick a preset (lora=all|attn|mlp) or list modules.")
+    if q.method != "none" and hw.precision != "fp32" and q.compute_dtype != _PRECISION_DTYPE[hw.precision]:
+        raise SigilError(
+            f"quant.compute_dtype={q.compute_dtype} does not match hardware.precision={hw.precision}; "
+            f"set quant.compute_dtype={_PRECISION_DTYPE[hw.precision]} (or change hardware.precision)."
+        )
+    if hw.liger_kernel and hw.device != "cuda":
+        raise SigilError("hardware.liger_kernel=true needs hardware.device=cuda (Triton kernels); set hardware.liger_kernel=false.")
+    if hw.attn_implementation == "flash_attention_2" and hw.device != "cuda":
+        raise SigilError("hardware.attn_implementation=flash_attention_2 needs a CUDA GPU; use hardware.attn_implementation=sdpa.")
+    if hw.packing and hw.attn_implementation == "eager":
+        raise SigilError(
+            "hardware.packing=true with hardware.attn_implementation=eager would let packed documents attend "
+            "to each other; use attn_implementation=sdpa or flash_attention_2, or set hardware.packing=false."
+        )
+    if q.method == "int8" and lora.use_dora and hw.device == "cpu":
+        raise SigilError("lora.use_dora=true with quant=int8 is not supported on CPU by bitsandbytes; use quant=nf4.")
+    if hw.micro_batch_size < 1 or hw.grad_accum < 1:
+        raise SigilError("hardware.micro_batch_size and hardware.grad_accum must be >= 1.")
+    if tr.max_steps <= 0 and tr.epochs <= 0:
+        raise SigilError("Set train.max_steps > 0 or train.epochs > 0; both are zero, so nothing would train.")
+    if cfg.phase == 2 and not tr.init_adapter:
+        raise SigilError(
+            "experiment=phase2 refines a phase-1 adapter: set train.init_adapter=<phase-1 run folder>/adapter."
+        )
+    if not 0.0 <= data.val_fraction < 1.0:
+        raise SigilError(f"data.val_fraction={data.val_fraction} must be in [0, 1).")
+    if not data.sources:
+        raise SigilError("data.sources is empty; pick a data option (data=rust_sample) or add a source.")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_object(cfg: DictConfig) -> RunConfig:
+    """Resolve interpolations and turn the composed DictConfig into the typed RunConfig."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RunConfig)
+    return obj

@@ -1,0 +1,158 @@
+"""Weights & Biases: run naming and grouping, init/finish, and reading offline runs back.
+
+Offline is the default: a run is written to `<run folder>/wandb/offline-run-*/run-*.wandb` and can
+be pushed later with `wandb sync`. `read_offline_run` decodes that file (a LevelDB-style log of
+`wandb_internal_pb2.Record` protos) so tests and users can inspect a run without the dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+from sigil_exp.config import RunConfig
+
+# Overrides that do not describe *what* a job is (they say where or how long it runs).
+_NOT_IN_NAME = ("hydra.", "wandb.", "cache_dir", "experiment", "train.max_steps", "train.logging_steps",
+                "train.eval_steps", "train.save_steps", "eval.", "data.sources", "model.name_or_path",
+                "lora.r", "lora.alpha", "lora")
+
+
+def run_name(cfg: RunConfig, overrides: list[str] | None = None) -> str:
+    """e.g. `r32-a16-all`, plus short forms of other swept keys (`r16-a32-attn-lr0.0001`)."""
+    alpha = f"{cfg.lora.alpha:g}"
+    parts = [f"r{cfg.lora.r}", f"a{alpha}", cfg.lora.name]
+    for ov in overrides or []:
+        key, _, value = ov.lstrip("+~").partition("=")
+        if not value or key.startswith(_NOT_IN_NAME) and not key.startswith("lora."):
+            continue
+        if key in ("lora.r", "lora.alpha", "lora.name", "lora.target_modules"):
+            continue
+        short = {"train.lr": "lr", "lora.dropout": "do", "model": "", "quant": "", "hardware": "", "data": ""}.get(
+            key, key.split(".")[-1])
+        parts.append(f"{short}{value}".replace("/", "_"))
+    return "-".join(p for p in parts if p)[:120]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'lora': {'r': 16}} -> {'lora.r': 16}: readable columns in the dashboard's run table."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def init_run(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], *, name: str, group: str | None,
+             tags: list[str]):
+    """Start the W&B run for this job (never reuses a previous job's run)."""
+    import wandb
+
+    run = wandb.init(
+        mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name,
+        tags=sorted(set(tags))[:20], job_type=cfg.wandb.job_type, dir=str(run_dir), config=flatten(config_dict),
+        reinit="finish_previous", settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+    )
+    # Summary values the run table and parallel-coordinates view use without setup.
+    run.define_metric("eval/loss", summary="min,last")
+    run.define_metric("train/loss", summary="min,last")
+    run.define_metric("train/tokens_per_s", summary="last,mean")
+    run.define_metric("sys/peak_mem_gb", summary="max")
+    return run
+
+
+def finish_run(run, *, failed: bool, error: str | None = None) -> None:
+    """Always called (in a `finally`): marks failed jobs failed so sweeps show them."""
+    if run is None:
+        return
+    if failed:
+        run.summary["status"] = "failed"
+        if error:
+            run.summary["error"] = error[:500]
+    else:
+        run.summary["status"] = "ok"
+    run.finish(exit_code=1 if failed else 0)
+
+
+# ------------------------------------------------------------------------------ offline reader
+_HEADER = 7
+_BLOCK = 32 * 1024
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _records(path: Path):
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    pos, pending = _HEADER, b""
+    while pos + _HEADER <= len(data):
+        block_left = _BLOCK - (pos % _BLOCK)
+        if block_left < _HEADER:  # trailer padding at the end of a block
+            pos += block_left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if kind == 0 and length == 0:
+            pos += block_left  # zero padding
+            continue
+        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+
+
+def _item_key(item) -> str:
+    return "/".join(item.nested_key) if item.nested_key else item.key
+
+
+def find_run_file(path: str | Path) -> Path:
+    """A .wandb file, an offline-run-* folder, or a run folder holding wandb/offline-run-*."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    found = sorted(p.glob("run-*.wandb")) or sorted(p.glob("wandb/offline-run-*/run-*.wandb")) \
+        or sorted(p.glob("**/run-*.wandb"))
+    if not found:
+        raise FileNotFoundError(f"No W&B offline run (run-*.wandb) under {p}")
+    return found[-1]
+
+
+def read_offline_run(path: str | Path) -> dict[str, Any]:
+    """Decode an offline run: {'run': {...}, 'config': {...}, 'history': [rows], 'summary': {...}}."""
+    from wandb.proto import wandb_internal_pb2
+
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "exit_code": None}
+    for raw in _records(find_run_file(path)):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            out["run"] = {"id": r.run_id, "name": r.display_name, "group": r.run_group, "job_type": r.job_type,
+                          "project": r.project, "tags": list(r.tags)}
+            for item in r.config.update:
+                out["config"][_item_key(item)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in rec.config.update:
+                out["config"][_item_key(item)] = json.loads(item.value_json)
+        elif kind == "history":
+            out["history"].append({_item_key(i): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            for item in rec.summary.update:
+                out["summary"][_item_key(item)] = json.loads(item.value_json)
+        elif kind == "exit":
+            out["exit_code"] = rec.exit.exit_code
+    out["config"].pop("_wandb", None)
+    return out

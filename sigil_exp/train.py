@@ -1,0 +1,221 @@
+"""One QLoRA run, top to bottom: config -> data -> model -> SFTTrainer -> adapter + metrics.
+
+`train(cfg, run_dir)` returns the metrics dict (also written to `<run_dir>/metrics.json`) so a
+sweeper can optimise any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from sigil_exp import model as modeling
+from sigil_exp.config import RunConfig, SigilError, validate
+from sigil_exp.data import build_datasets
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory_gb(device: str) -> float:
+    """Peak GPU memory allocated (CUDA), else the process's peak RSS."""
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+class MetricsCallback(TrainerCallback):
+    """Renames the trainer's logs to the project's metric names (`train/loss`, `eval/loss`, ...),
+    adds tokens/s and peak memory, keeps the history for metrics.json and sends it to W&B."""
+
+    def __init__(self, device: str, wandb_run=None):
+        self.device, self.run = device, wandb_run
+        self.history: list[dict[str, Any]] = []
+        self._t0, self._tokens0 = None, 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs:
+            return
+        row: dict[str, Any] = {}
+        for k, v in logs.items():
+            if not isinstance(v, int | float):
+                continue
+            if k.startswith("eval_"):
+                row[f"eval/{k[5:]}"] = v
+            elif k in ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"):
+                row[f"train/{k[6:] if k.startswith('train_') else k}_total"] = v
+            else:
+                row[f"train/{k}"] = v
+        if "train/loss" in row and self._t0 is not None:
+            now = time.perf_counter()
+            tokens = state.num_input_tokens_seen - self._tokens0
+            row["train/tokens_per_s"] = tokens / max(now - self._t0, 1e-9)
+            self._t0, self._tokens0 = now, state.num_input_tokens_seen
+        row["sys/peak_mem_gb"] = peak_memory_gb(self.device)
+        row["train/global_step"] = state.global_step
+        self.history.append(row)
+        if self.run is not None:
+            self.run.log(row, step=state.global_step)
+
+
+def _derived_numbers(cfg: RunConfig, n_train: int) -> dict[str, Any]:
+    hw = cfg.hardware
+    seqs_per_step = hw.micro_batch_size * hw.grad_accum
+    steps_per_epoch = max(1, math.ceil(n_train / seqs_per_step))
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
+    return {
+        "effective_batch": seqs_per_step,
+        "max_tokens_per_step": seqs_per_step * cfg.model.max_seq_len,
+        "train_examples": n_train,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps,
+    }
+
+
+def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
+    from trl import SFTConfig
+
+    hw, tr = cfg.hardware, cfg.train
+    eval_every = tr.eval_steps if tr.eval_steps > 0 else None
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        seed=tr.seed,
+        data_seed=tr.seed,
+        max_steps=tr.max_steps,
+        num_train_epochs=tr.epochs,
+        learning_rate=tr.lr,
+        lr_scheduler_type=tr.scheduler,
+        warmup_steps=tr.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=tr.weight_decay,
+        max_grad_norm=tr.max_grad_norm,
+        optim=hw.optimizer,
+        per_device_train_batch_size=hw.micro_batch_size,
+        per_device_eval_batch_size=hw.micro_batch_size,
+        gradient_accumulation_steps=hw.grad_accum,
+        gradient_checkpointing=hw.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": hw.checkpointing_reentrant},
+        bf16=hw.precision == "bf16",
+        fp16=hw.precision == "fp16",
+        use_cpu=hw.device == "cpu",
+        dataloader_num_workers=hw.dataloader_workers,
+        torch_compile=hw.torch_compile,
+        max_length=cfg.model.max_seq_len,
+        packing=hw.packing,  # bfd packing + padding-free per-document position ids
+        completion_only_loss=True,  # honours the dataset's completion_mask (all ones for raw text)
+        logging_steps=tr.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval and eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=tr.save_steps,
+        save_total_limit=tr.save_total_limit,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",  # W&B logging is ours (MetricsCallback): names and grouping we control
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+def _resume_path(cfg: RunConfig, run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    r = cfg.train.resume
+    if not r:
+        return None
+    if r == "auto":
+        ckpt_dir = run_dir / "checkpoints"
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if last is None:
+            log.info("train.resume=auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
+        return last
+    if not Path(r).is_dir():
+        raise SigilError(f"train.resume={r} is not a checkpoint folder; use train.resume=auto or a checkpoint-N path.")
+    return r
+
+
+def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
+    """Run one fine-tuning job in `run_dir`; returns (and writes) its metrics."""
+    from trl import SFTTrainer
+
+    t_start = time.perf_counter()
+    validate(cfg)
+    if cfg.hardware.device == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
+    modeling.check_device(cfg.hardware)
+    tokenizer = modeling.load_tokenizer(cfg.model, model_path)
+
+    data = build_datasets(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed, cfg.cache_dir, run_dir)
+    derived = _derived_numbers(cfg, len(data.train))
+    log.info("Derived: effective batch %(effective_batch)d sequences, up to %(max_tokens_per_step)d tokens/step, "
+             "%(train_examples)d train examples, %(steps_per_epoch)d steps/epoch, %(total_steps)d steps", derived)
+    log.info("Data: %s", json.dumps(data.stats, default=str)[:2000])
+
+    torch.manual_seed(cfg.train.seed)
+    model = modeling.load_base_model(cfg.model, cfg.quant, cfg.hardware, model_path)
+    model = modeling.prepare_for_training(model, cfg.quant, cfg.hardware)
+    model = modeling.attach_lora(model, cfg.lora, cfg.train.init_adapter)
+    trainable, total = modeling.count_parameters(model)
+    log.info("Parameters: %s trainable of %s (%.3f%%), %d quantised linear layers", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, modeling.quantized_linear_count(model))
+    if wandb_run is not None:
+        wandb_run.summary.update({"params/trainable": trainable, "params/total": total,
+                                  **{f"derived/{k}": v for k, v in derived.items()},
+                                  **{f"data/{k}": v for k, v in data.stats.items() if isinstance(v, int | float)}})
+
+    callback = MetricsCallback(cfg.hardware.device, wandb_run)
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir, data.eval is not None),
+                         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                         callbacks=[callback])
+    result = trainer.train(resume_from_checkpoint=_resume_path(cfg, run_dir))
+    final_eval = trainer.evaluate() if data.eval is not None else {}
+
+    adapter_dir = run_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+
+    losses = [r["train/loss"] for r in callback.history if "train/loss" in r]
+    speeds = [r["train/tokens_per_s"] for r in callback.history if "train/tokens_per_s" in r]
+    metrics: dict[str, Any] = {
+        "status": "ok",
+        "train/loss": losses[-1] if losses else result.training_loss,
+        "train/loss_first": losses[0] if losses else None,
+        "train/mean_loss": result.training_loss,
+        "eval/loss": final_eval.get("eval_loss"),
+        "train/tokens_per_s": sum(speeds[1:]) / len(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None),
+        "train/tokens": trainer.state.num_input_tokens_seen,
+        "train/steps": trainer.state.global_step,
+        "sys/peak_mem_gb": peak_memory_gb(cfg.hardware.device),
+        "params/trainable": trainable,
+        "params/total": total,
+        "time/train_s": result.metrics.get("train_runtime"),
+        **{f"derived/{k}": v for k, v in derived.items()},
+    }
+    if cfg.eval.enabled:
+        from sigil_exp.evaluate import run_evaluation
+
+        trainer.model.eval()
+        metrics.update(run_evaluation(cfg, trainer.model, tokenizer, run_dir))
+    metrics["time/wall_s"] = time.perf_counter() - t_start
+    metrics["history"] = callback.history
+    write_metrics(run_dir, metrics)
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    return metrics
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json, written atomically so a crash never leaves half a file."""
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, default=str))
+    tmp.replace(run_dir / "metrics.json")
