@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from sigil_exp.config import RunConfig, SigilError, to_object
+from sigil_exp.tracking import objective_value, sweep_group, swept_keys
 
 log = logging.getLogger("sigil_exp")
 
@@ -36,18 +39,21 @@ def _job_context(cfg: RunConfig) -> tuple[list[str], str | None, list[str], bool
     multirun = hc.mode == RunMode.MULTIRUN
     group = cfg.wandb.group
     if group is None and multirun:
-        group = "sweep-" + Path(hc.sweep.dir).as_posix().strip("/").replace("/", "_").removeprefix("multirun_")
-    swept = [o.partition("=")[0].lstrip("+~") for o in overrides if "=" in o and not o.startswith("hydra")]
-    tags = [*cfg.wandb.tags, cfg.experiment, cfg.model.name, f"lora-{cfg.lora.name}",
-            *(f"sweep:{k}" for k in swept if multirun)]
+        group = sweep_group(hc.sweep.dir)
+    swept = []
+    if multirun:  # only the keys the sweep varies (lora.r=8,16 or the optuna search space), not every override
+        params = OmegaConf.select(hc, "sweeper.params", default=None)
+        swept = swept_keys(hc.sweep.dir, OmegaConf.to_container(params) if params else None)
+    tags = [*cfg.wandb.tags, cfg.experiment, cfg.model.name, f"lora-{cfg.lora.name}", *(f"sweep:{k}" for k in swept)]
     return overrides, group, tags, multirun
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One job: typed config, run folder, W&B run (finished in `finally`), training."""
-    from sigil_exp.tracking import finish_run, init_run, run_name
+    from sigil_exp.tracking import finish_run, init_run, run_name, summary_metrics
     from sigil_exp.train import train, write_metrics
 
+    t_start = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         typed = to_object(cfg)
@@ -66,28 +72,75 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics = train(typed, run_dir, wandb_run)
         metrics.update(name=name, overrides=overrides)
         write_metrics(run_dir, metrics)
+        if wandb_run is not None:  # scalar columns for the run table / parallel coordinates
+            wandb_run.summary.update(summary_metrics(metrics, typed.sweep.objective, typed.sweep.direction))
+        _print_summary(run_dir, metrics, wandb_run)
         return metrics
     except BaseException as e:
         failed, error = True, f"{type(e).__name__}: {e}"
         # Record the failure in the run folder before anything else can go wrong.
-        write_metrics(run_dir, {"status": "failed", "error": error, "name": name, "overrides": overrides})
+        write_metrics(run_dir, {"status": "failed", "error": error, "name": name, "overrides": overrides,
+                                "time/wall_s": time.perf_counter() - t_start})
         raise
     finally:
         finish_run(wandb_run, failed=failed, error=error)
 
 
-def _objective(metrics: dict[str, Any]) -> float:
-    value = metrics.get("eval/loss")
-    if value is None:
-        value = metrics.get("train/loss")
-    return float(value) if value is not None else float("inf")
+def _print_summary(run_dir: Path, metrics: dict[str, Any], wandb_run) -> None:
+    def fmt(key: str) -> str:
+        v = metrics.get(key)
+        return f"{v:.4g}" if isinstance(v, int | float) else "n/a"
+
+    lines = [
+        f"Run {metrics.get('name')} finished in {fmt('time/wall_s')} s: train loss {fmt('train/loss_first')} -> "
+        f"{fmt('train/loss')}, eval loss {fmt('eval/loss')}, {fmt('train/tokens_per_s')} tokens/s, "
+        f"peak memory {fmt('sys/peak_mem_gb')} GB",
+        f"  run folder : {run_dir}",
+        f"  adapter    : {run_dir / 'adapter'}",
+        f"  metrics    : {run_dir / 'metrics.json'}",
+        f"  config     : {run_dir / 'resolved_config.yaml'}",
+        f"  log        : {run_dir / 'run.log'}",
+    ]
+    if wandb_run is not None and wandb_run.settings.mode == "offline":
+        offline = Path(wandb_run.settings.sync_file).parent
+        lines.append(f"  W&B offline: {offline}   (push: wandb sync {offline})")
+    log.info("\n".join(lines))
+
+
+def _pin_gpu(cfg: DictConfig) -> None:
+    """sweep.one_gpu_per_job: job k sees only GPU (k mod n) of the n GPUs the launcher made visible.
+
+    Needs one process per job (hydra/launcher=submitit_local or local_gpus): CUDA reads
+    CUDA_VISIBLE_DEVICES once per process, so in-process jobs could not move to another GPU."""
+    hc = HydraConfig.get()
+    if "submitit" not in str(OmegaConf.select(hc, "launcher._target_", default="")):
+        raise SigilError("sweep.one_gpu_per_job=true needs one process per job: add hydra/launcher=local_gpus "
+                         "(or submitit_local with hydra.launcher.gpus_per_node=<GPUs>).")
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        raise SigilError("sweep.one_gpu_per_job=true but no GPU is visible to the job; set "
+                         "hydra.launcher.gpus_per_node=<number of GPUs on the machine>.")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(hc.job.num) % len(visible)]
+    log.info("Job %s runs on GPU %s (of %s)", hc.job.num, os.environ["CUDA_VISIBLE_DEVICES"], ",".join(visible))
+
+
+def _free_memory() -> None:
+    """Between in-process sweep jobs: drop the last job's model and optimizer (also after an OOM)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
+    """Returns the sweep objective (`sweep.objective`) so a sweeper such as optuna can optimise it."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    objective, direction = cfg.sweep.objective, cfg.sweep.direction
     try:
-        return _objective(run(cfg))
+        if multirun and cfg.sweep.one_gpu_per_job:
+            _pin_gpu(cfg)
+        return objective_value(run(cfg), objective, direction)
     except SigilError as e:
         print(f"sigil_exp: {e}", file=sys.stderr)
         if not multirun:
@@ -96,9 +149,13 @@ def hydra_main(cfg: DictConfig) -> float:
     except Exception as e:
         if not multirun:
             raise
-        # A sweep goes on when one job fails; the job's folder records the error.
+        # A sweep goes on when one job fails (OOM, bad combination, crash): the job's metrics.json
+        # and W&B run record the error, the sweep report lists it, the sweeper sees the worst value.
         log.error("Job failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
-    return float("inf")
+    finally:
+        if multirun:
+            _free_memory()
+    return objective_value({"status": "failed"}, objective, direction)
 
 
 def main() -> None:

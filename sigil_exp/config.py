@@ -31,6 +31,7 @@ class TinyModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     vocab_size: int = 1024  # BPE trained offline on the bundled Rust corpus
+    initializer_range: float = 0.02  # std of the random weights
     seed: int = 0
 
 
@@ -77,47 +78,53 @@ class LoraConfig:
 class SourceConfig:
     """One data source. `kind` picks the loader; unused fields are ignored by other kinds."""
 
-    kind: str = "jsonl"  # jsonl | parquet | rust_dir | hf
+    kind: str = "jsonl"  # jsonl | parquet | rust_dir (a tree of .rs files) | hf (hub id or local dataset)
     path: str = MISSING  # file, directory, glob, or hub id (kind=hf); pkg:// = bundled asset
-    weight: float = 1.0  # relative share when mixing several sources
+    weight: float = 1.0  # multiplier on this source's records: 2.0 = each twice, 0.5 = a seeded half
     name: Optional[str] = None  # label in stats; default derived from path
     split: str = "train"  # kind=hf: the split to read
-    subset: Optional[str] = None  # kind=hf: the config name (e.g. data/rust)
-    streaming: bool = False  # kind=hf: stream instead of downloading the whole split
-    text_field: Optional[str] = None  # kind=hf/parquet: column holding raw text
-    max_records: Optional[int] = None  # cap per source (after filters); None = all
+    subset: Optional[str] = None  # kind=hf: the dataset's config name, if it has several
+    data_dir: Optional[str] = None  # kind=hf: a folder inside the dataset repo (the-stack: data/rust)
+    streaming: bool = False  # kind=hf: stream instead of downloading the whole split (pair with max_records)
+    text_field: Optional[str] = None  # jsonl/parquet/hf: column holding raw text (default: text, content, code)
+    max_records: Optional[int] = None  # cap per source: the first N records kept by the filters; None = all
 
 
 @dataclass
 class FilterConfig:
+    # Substrings of the repo/crate-relative path ('/' + path) that drop a file.
     skip_paths: list[str] = field(
-        default_factory=lambda: ["vendor/", "target/", "node_modules/", "third_party/", ".git/", "generated", "/build/", "/out/"]
+        default_factory=lambda: ["vendor/", "target/", "node_modules/", "third_party/", ".git/", "generated"]
     )
-    tests: str = "keep"  # keep | strip (remove #[cfg(test)] modules) | drop (drop test files)
-    drop_benches: bool = False
-    drop_examples: bool = False
-    min_chars: int = 20
-    max_chars: int = 200_000
-    prefer_documented: bool = False  # keep only code with doc comments (///, //!)
-    prefer_idiomatic: bool = False  # keep only code whose idiomatic/low-quality ratio passes
-    min_idiomatic_ratio: float = 1.0  # idiomatic markers per low-quality marker
-    dedup: str = "exact"  # none | exact | minhash (near-duplicates too)
-    minhash_threshold: float = 0.85  # Jaccard similarity above which two files are duplicates
+    tests: str = "keep"  # keep | strip (remove #[cfg(test)] items, drop tests/ files) | drop (any test code)
+    drop_benches: bool = False  # benches/ paths
+    drop_examples: bool = False  # examples/ paths
+    min_chars: int = 20  # shorter code is dropped (after stripping tests)
+    max_chars: int = 200_000  # longer files are dropped (overlong token sequences are split, see data.overlong)
+    max_line_chars: int = 1000  # a longer line marks minified code or a data table; 0 = no limit
+    prefer_documented: bool = False  # keep only files with doc comments (///, //!, /** */)
+    prefer_idiomatic: bool = False  # keep only files whose idiomatic/low-quality marker ratio passes
+    min_idiomatic_ratio: float = 1.0  # idiomatic markers (?, iterator adapters, impl, match, Result<, derive)
+    #                                   per low-quality one (TODO, .unwrap(), unsafe, #[allow], println!/dbg!)
+    quality_on_pairs: bool = False  # also apply prefer_* to the code of {prompt, gen}/chat records
+    dedup: str = "exact"  # none | exact (normalised content hash) | minhash (near-duplicates too, slower)
+    minhash_threshold: float = 0.85  # estimated Jaccard similarity above which two files are duplicates
+    minhash_ngram: int = 5  # tokens per shingle: smaller = more files look alike
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
     sources: list[SourceConfig] = field(default_factory=list)
-    format: str = "completion"  # completion (loss on gen) | text (loss on all) | chat (assistant turn)
-    mix: str = "weighted"  # weighted | sequential | round_robin
-    task_weights: dict[str, float] = field(default_factory=dict)  # e.g. {error_fixing: 2.0}
+    format: str = "completion"  # completion (loss on gen) | text (loss on all) | chat (assistant turns)
+    mix: str = "weighted"  # weighted (shuffled together) | sequential (source blocks in order) | round_robin
+    task_weights: dict[str, float] = field(default_factory=dict)  # by _task_type, e.g. {error_fixing: 2.0}
     filters: FilterConfig = field(default_factory=FilterConfig)
     val_fraction: float = 0.1  # by content hash: stable when sources are added
-    overlong: str = "split"  # split (into max_seq_len chunks) | truncate | drop
+    overlong: str = "split"  # split (into max_seq_len chunks, prompt kept whole) | truncate | drop; all counted
     on_error: str = "raise"  # raise | skip (count malformed records instead of failing)
-    num_proc: int = 2  # preprocessing workers
-    cache: bool = True  # cache the processed dataset keyed by data config + tokenizer
+    num_proc: int = 2  # preprocessing workers (capped at the CPU count)
+    cache: bool = True  # cache the processed dataset keyed by data config + tokenizer + sources
     max_examples: Optional[int] = None  # cap after mixing (smoke runs)
 
 
@@ -139,6 +146,10 @@ class HardwareConfig:
     upcast_non_lora: bool = True  # prepare_model_for_kbit_training: fp32 norms/embeddings/lm_head
     torch_compile: bool = False
     gpu_memory_gb: Optional[float] = None  # card size the preset is tuned for (preflight)
+    lora_fused: bool = False  # one autograd op per LoRA linear (dequant+matmul+LoRA); same math, less memory traffic
+    auto_micro_batch: bool = False  # largest micro_batch dividing micro_batch*grad_accum that preflight says fits
+    preflight: bool = True  # estimate peak GPU memory before loading; stop with the knob to change if it cannot fit
+    memory_headroom: float = 0.92  # share of the card's memory the estimate may fill (allocator slack, CUDA context)
 
 
 # --------------------------------------------------------------------------------------- train
@@ -164,17 +175,22 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = False  # run the Rust compile/test evaluation after training
-    problems: str = "pkg://assets/rust_problems.jsonl"
+    problems: str = "pkg://assets/rust_problems.jsonl"  # HumanEval-Rust JSONL; pkg:// = bundled
     limit: Optional[int] = None  # evaluate only the first N problems
     n_samples: int = 1  # completions per problem (pass@k needs n >= k)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 0.95
     max_new_tokens: int = 512
-    batch_size: int = 8
+    batch_size: int = 8  # prompts per generate() call
     edition: str = "2021"
     timeout_s: float = 10.0  # per test run (wall clock)
     workers: int = 2
-    clippy: bool = False
+    clippy: bool = False  # also count clippy warnings (clippy-driver instead of rustc)
+    seed: int = 0  # sampling seed (temperature > 0)
+    compile_timeout_s: float = 60.0  # per rustc invocation (wall clock)
+    crate_size: int = 32  # samples compiled together as one crate; 1 = one rustc per sample (slower)
+    sandbox: str = "auto"  # auto (strongest available) | namespaces | rlimits
+    run_mem_mb: int = 1024  # address-space limit of a test run
 
 
 # --------------------------------------------------------------------------------------- wandb
@@ -189,6 +205,17 @@ class WandbConfig:
     job_type: str = "train"
 
 
+# --------------------------------------------------------------------------------------- sweep
+@dataclass
+class SweepConfig:
+    """What a sweep (`-m`) optimises and reports; a single run ignores it."""
+
+    objective: str = "eval/loss"  # metrics.json key returned to the sweeper (optuna) and sorted on in the report
+    direction: str = "minimize"  # minimize | maximize (eval/pass@1 and eval/compile_rate: maximize)
+    report: bool = True  # write <sweep dir>/report.md, report.csv and plots when the sweep ends
+    one_gpu_per_job: bool = False  # parallel jobs on one multi-GPU machine: job k sees GPU (k mod visible GPUs)
+
+
 # ---------------------------------------------------------------------------------------- root
 @dataclass
 class RunConfig:
@@ -200,6 +227,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     experiment: str = "default"  # set by experiment/*.yaml; used in tags and run names
     phase: int = 1  # 1 = broad corpus; 2 = refinement from a phase-1 adapter
     cache_dir: str = "~/.cache/sigil_exp"  # tiny models and processed datasets
@@ -241,9 +269,10 @@ _CHOICES = {
     "data.filters.dedup": ("none", "exact", "minhash"),
     "hardware.device": ("cuda", "cpu"),
     "hardware.precision": ("bf16", "fp16", "fp32"),
-    "hardware.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "hardware.attn_implementation": ("sdpa", "sdpa_varlen", "eager", "flash_attention_2"),
     "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "wandb.mode": ("offline", "online", "disabled"),
+    "sweep.direction": ("minimize", "maximize"),
 }
 
 _PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -282,6 +311,17 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise SigilError("lora.use_dora=true with quant=int8 is not supported on CPU by bitsandbytes; use quant=nf4.")
     if hw.micro_batch_size < 1 or hw.grad_accum < 1:
         raise SigilError("hardware.micro_batch_size and hardware.grad_accum must be >= 1.")
+    if not 0.1 <= hw.memory_headroom <= 1.0:
+        raise SigilError(f"hardware.memory_headroom={hw.memory_headroom} must be in [0.1, 1]; the default is 0.92.")
+    if hw.gpu_memory_gb is not None and hw.gpu_memory_gb <= 0:
+        raise SigilError(f"hardware.gpu_memory_gb={hw.gpu_memory_gb} must be positive or null (null = ask the GPU).")
+    if hw.lora_fused and lora.use_dora:
+        raise SigilError("hardware.lora_fused=true has no DoRA path; set hardware.lora_fused=false to train with lora.use_dora=true.")
+    if hw.lora_fused and q.method == "int8":
+        raise SigilError("hardware.lora_fused=true covers 4-bit and bf16 bases, not quant=int8; "
+                         "set hardware.lora_fused=false or use quant=nf4.")
+    if hw.optimizer.startswith("paged_") and hw.device != "cuda":
+        raise SigilError(f"hardware.optimizer={hw.optimizer} is CUDA-only; use hardware.optimizer=adamw_torch on the CPU.")
     if tr.max_steps <= 0 and tr.epochs <= 0:
         raise SigilError("Set train.max_steps > 0 or train.epochs > 0; both are zero, so nothing would train.")
     if cfg.phase == 2 and not tr.init_adapter:
@@ -292,6 +332,25 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise SigilError(f"data.val_fraction={data.val_fraction} must be in [0, 1).")
     if not data.sources:
         raise SigilError("data.sources is empty; pick a data option (data=rust_sample) or add a source.")
+    for i, src in enumerate(data.sources):  # data.sources.N.*
+        if src.kind not in ("jsonl", "parquet", "rust_dir", "hf"):
+            raise SigilError(f"data.sources.{i}.kind={src.kind!r} is not one of jsonl, parquet, rust_dir, hf; fix it.")
+        if not src.weight > 0 or not math.isfinite(src.weight):
+            raise SigilError(f"data.sources.{i}.weight={src.weight} must be > 0 (a multiplier: 2.0 doubles, 0.5 halves); remove the source instead of weighting it 0.")
+        if src.max_records is not None and src.max_records < 1:
+            raise SigilError(f"data.sources.{i}.max_records={src.max_records} must be >= 1 or null (all records).")
+    for task, w in data.task_weights.items():  # data.task_weights
+        if not w >= 0 or not math.isfinite(w):
+            raise SigilError(f"data.task_weights.{task}={w} must be >= 0 (2.0 doubles, 0.5 halves, 0 removes the task).")
+    df = data.filters  # data.filters.*
+    if df.min_chars < 0 or df.max_chars <= df.min_chars:
+        raise SigilError(f"data.filters.max_chars={df.max_chars} must exceed data.filters.min_chars={df.min_chars} >= 0.")
+    if not 0.0 < df.minhash_threshold <= 1.0 or df.minhash_ngram < 1:
+        raise SigilError("data.filters.minhash_threshold must be in (0, 1] and data.filters.minhash_ngram >= 1; the defaults are 0.85 and 5.")
+    if df.min_idiomatic_ratio < 0 or df.max_line_chars < 0:
+        raise SigilError("data.filters.min_idiomatic_ratio and data.filters.max_line_chars must be >= 0 (max_line_chars 0 = no limit).")
+    if data.num_proc < 1 or (data.max_examples is not None and data.max_examples < 1):
+        raise SigilError("data.num_proc must be >= 1 and data.max_examples null or >= 1.")
 
 
 def _get(obj: Any, dotted: str) -> Any:

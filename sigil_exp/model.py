@@ -89,6 +89,8 @@ def load_base_model(cfg: ModelConfig, q: QuantConfig, hw: HardwareConfig, path: 
 
     check_device(hw)
     path = path or resolve_model_path(cfg)
+    if hw.attn_implementation == "sdpa_varlen":
+        register_sdpa_varlen()
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=cfg.revision if not Path(path).is_dir() else None, quantization_config=bnb_config(q),
         dtype=DTYPES[q.compute_dtype], device_map={"": 0} if hw.device == "cuda" else "cpu",
@@ -105,8 +107,14 @@ def load_base_model(cfg: ModelConfig, q: QuantConfig, hw: HardwareConfig, path: 
 
 
 def prepare_for_training(model, q: QuantConfig, hw: HardwareConfig):
-    """Gradient checkpointing and input grads; the fp32 upcast of norms/embeddings/lm_head is a knob."""
+    """Gradient checkpointing and input grads; the fp32 upcast of norms/embeddings/lm_head is a knob.
+
+    Also records the hardware knobs that `attach_lora` applies later (`hardware.lora_fused`) on the
+    model as `model.sigil_hardware`, so the call sequence stays load -> prepare -> attach."""
     ckpt_kwargs = {"use_reentrant": hw.checkpointing_reentrant}
+    model.sigil_hardware = hw
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False  # training never reads the KV cache
     if q.method != "none" and hw.upcast_non_lora:
         from peft import prepare_model_for_kbit_training
 
@@ -131,17 +139,28 @@ def peft_config(lora: LoraConfig):
     )
 
 
-def attach_lora(model, lora: LoraConfig, init_adapter: str | None = None):
-    """New LoRA adapters, or (phase 2) the given adapter loaded trainable."""
+def attach_lora(model, lora: LoraConfig, init_adapter: str | None = None, fused: bool | None = None):
+    """New LoRA adapters, or (phase 2) the given adapter loaded trainable.
+
+    `fused` (default: `hardware.lora_fused` as recorded by `prepare_for_training`) swaps each LoRA
+    layer's forward for one autograd op (see `fuse_lora`); the adapter, its names and saving are peft's."""
     from peft import PeftModel, get_peft_model
 
+    hw = getattr(model, "sigil_hardware", None)
+    if fused is None:
+        fused = bool(hw is not None and getattr(hw, "lora_fused", False))
     if init_adapter:
         path = Path(init_adapter).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise SigilError(f"train.init_adapter={init_adapter} holds no adapter_config.json; "
                              "point it at a run's adapter folder (outputs/<run>/adapter).")
-        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
-    return get_peft_model(model, peft_config(lora))
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, peft_config(lora))
+    if fused:
+        n = fuse_lora(peft_model)
+        log.info("hardware.lora_fused: %d LoRA layers run as one fused op each", n)
+    return peft_model
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -153,3 +172,214 @@ def quantized_linear_count(model) -> int:
     import bitsandbytes as bnb
 
     return sum(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------- fused LoRA op
+# peft's LoRA layer on a 4-bit base runs `base(x).clone() + lora_B(lora_A(dropout(x))) * scaling`:
+# six kernels and four full passes over the output, a dropout copy + mask of the input saved per
+# projection (q, k and v each keep their own), and the base matmul's dequantisation done by
+# bitsandbytes. `_LoraLinear` computes the same function as one autograd op:
+#   forward   y = x W^T;  y += s * (drop(x) A^T) B^T          (one GEMM + two thin GEMMs, addmm in place)
+#   backward  dx = dy W + s * drop'((dy B) A);  dA = s (dy B)^T drop(x);  dB = s dy^T (drop(x) A^T)
+# It saves only x (shared by q/k/v and by gate/up) and the thin x A^T; the dropout mask is
+# regenerated in backward from the saved RNG state, as activation checkpointing does.
+# W is dequantised with bitsandbytes' own kernel in forward and again in backward (the 4-bit base
+# stays the only stored copy of the frozen weights).
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _dropout_scale(like: torch.Tensor, p: float, state=None) -> torch.Tensor:
+    """The dropout multiplier (0 or 1/(1-p)) for `like`. Forward (state=None) draws it from the
+    global RNG like nn.Dropout would; backward passes the state saved before that draw to get the
+    same mask again without touching the global RNG."""
+    if state is None:
+        return torch.nn.functional.dropout(torch.ones_like(like), p, training=True)
+    dev = like.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
+        if dev.type == "cuda":
+            torch.cuda.set_rng_state(state, dev)
+        else:
+            torch.set_rng_state(state)
+        return torch.nn.functional.dropout(torch.ones_like(like), p, training=True)
+
+
+def _dense_weight(weight, quant_state, dtype) -> torch.Tensor:
+    if quant_state is None:
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    import bitsandbytes.functional as bnbf
+
+    w = bnbf.dequantize_4bit(weight, quant_state)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, lora_a, lora_b, scaling: float, p: float, dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        w = _dense_weight(weight, quant_state, dtype)
+        y = torch.mm(x2, w.t())
+        del w
+        state = None
+        if p > 0.0:
+            state = _rng_state(x2.device)
+            xa = torch.mm(x2 * _dropout_scale(x2, p), a.t())
+        else:
+            xa = torch.mm(x2, a.t())
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, lora_a, lora_b, xa)
+        ctx.weight, ctx.quant_state, ctx.scaling, ctx.p, ctx.state, ctx.dtype = weight, quant_state, scaling, p, state, dtype
+        return y.view(*shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lora_a, lora_b, xa = ctx.saved_tensors
+        dtype, s = ctx.dtype, ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != dtype:
+            dy2 = dy2.to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        g = torch.mm(dy2, b)  # [M, r]; the LoRA scale is applied below
+        d_b = torch.mm(dy2.t(), xa).mul_(s).to(lora_b.dtype) if need_b else None
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        mult = _dropout_scale(x2, ctx.p, ctx.state) if ctx.p > 0.0 else None
+        d_a = None
+        if need_a:
+            xd = x2 if mult is None else x2 * mult
+            d_a = torch.mm(g.t(), xd).mul_(s).to(lora_a.dtype)
+        dx = None
+        if need_x:
+            w = _dense_weight(ctx.weight, ctx.quant_state, dtype)
+            dx = torch.mm(dy2, w)
+            del w
+            if mult is None:
+                dx.addmm_(g, a, alpha=s)
+            else:
+                dx.addcmul_(torch.mm(g, a), mult, value=s)
+            dx = dx.view(x.shape).to(x.dtype)
+        return dx, None, None, d_a, d_b, None, None, None
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Forward of a fused peft LoRA layer; anything unusual takes peft's own path."""
+    import bitsandbytes as bnb
+
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    base = self.base_layer
+    plain = (
+        not args and not kwargs and name is not None and not self.disable_adapters and not self.merged
+        and name in self.lora_A and name not in getattr(self, "lora_variant", {})
+        and getattr(base, "bias", None) is None
+    )
+    if plain and isinstance(base, bnb.nn.Linear4bit):
+        bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
+        weight, qs = base.weight, base.weight.quant_state
+        dtype = base.compute_dtype or qs.dtype
+    elif plain and type(base) is torch.nn.Linear:
+        weight, qs, dtype = base.weight, None, base.weight.dtype
+    else:
+        return type(self).forward(self, x, *args, **kwargs)
+    drop = self.lora_dropout[name]
+    p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
+    return _LoraLinear.apply(x, weight, qs, self.lora_A[name].weight, self.lora_B[name].weight,
+                             float(self.scaling[name]), p, dtype)
+
+
+def fuse_lora(model) -> int:
+    """Route every plain LoRA layer (4-bit or bf16 base, one adapter, no DoRA, no bias) through
+    `_LoraLinear`. Returns how many layers were switched; the others keep peft's forward."""
+    import types
+
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer") and not getattr(module, "use_dora", {}).get(
+                module.active_adapters[0] if module.active_adapters else "", False):
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------- packed-sequence attention
+# With packing, trl flattens a micro-batch into one row with per-document position ids. Under
+# `sdpa`, transformers then builds a (B*S) x (B*S) block-diagonal mask and SDPA runs its masked
+# kernel over the whole square: at micro-batch 8 x 2048 that is 16x the causal attention work and a
+# 268 MB mask per step. `sdpa_varlen` instead runs causal SDPA (flash kernels) per document, from the
+# `cu_seq_lens_q` boundaries that trl's collator passes: one batched call when all documents have
+# the same length, a loop otherwise. Padded batches (a 2-D attention mask) take the plain sdpa path.
+
+_CU_CACHE: list = [None, None]  # [weakref to the last cu_seq_lens tensor, its boundaries as a list]
+
+
+def _boundaries(cu: torch.Tensor) -> list[int]:
+    import weakref
+
+    ref, val = _CU_CACHE
+    if ref is not None and ref() is cu:
+        return val
+    val = [int(v) for v in cu.tolist()]  # one host sync per step (the tensor is reused by every layer)
+    _CU_CACHE[0], _CU_CACHE[1] = weakref.ref(cu), val
+    return val
+
+
+def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"):
+        kwargs.pop(k, None)
+    q_len = query.shape[2]
+    if attention_mask is not None or cu is None or query.shape[0] != 1 or key.shape[2] != q_len:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    bounds = _boundaries(cu)
+    if bounds[-1] != q_len:  # boundaries that do not describe this row: no packing information to use
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    if len(set(lengths)) == 1:  # equal documents: fold them into the batch dimension, one flash call
+        n, length = len(lengths), lengths[0]
+
+        def fold(t):
+            return t[0].unflatten(1, (n, length)).transpose(0, 1)  # [H, T, D] -> [n, H, L, D]
+
+        out, _ = sdpa_attention_forward(module, fold(query), fold(key), fold(value), None, dropout=dropout,
+                                        scaling=scaling, is_causal=True, **kwargs)
+        return out.reshape(1, q_len, *out.shape[2:]), None
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            o, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
+                                          dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+            outs.append(o)
+    return torch.cat(outs, dim=1), None
+
+
+def _varlen_mask(*args, **kwargs):
+    """sdpa's mask, except for batches without a padding mask (packed or plain causal): none at all."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_sdpa_varlen() -> None:
+    """Register `attn_implementation="sdpa_varlen"` with transformers' attention and mask interfaces."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("sdpa_varlen", sdpa_varlen_attention)
+    AttentionMaskInterface.register("sdpa_varlen", _varlen_mask)

@@ -9,14 +9,16 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
-from sigil_exp.config import TinyModelConfig
+from sigil_exp.config import SigilError, TinyModelConfig
 from sigil_exp.paths import resolve
 
 log = logging.getLogger(__name__)
 
 CORPUS = "pkg://assets/rust_sample.jsonl"
+SPEC_FILE = "sigil_tiny.json"  # the build_tiny settings the folder was built with
 SPECIAL = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|finetune_right_pad_id|>"}
 EXTRA_SPECIAL = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # The Llama 3 instruct template, so `data.format=chat` exercises the same path as the real model.
@@ -65,7 +67,12 @@ def build_tiny(out_dir: str | Path, cfg: TinyModelConfig) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir).expanduser()
+    spec = json.dumps(asdict(cfg), sort_keys=True)
     if (out / "config.json").is_file():
+        built = (out / SPEC_FILE).read_text() if (out / SPEC_FILE).is_file() else None
+        if built is not None and built != spec:
+            raise SigilError(f"model.name_or_path={out_dir} holds a tiny model built with other model.build_tiny "
+                             "settings; delete that folder or point model.name_or_path somewhere new.")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     log.info("Building the tiny Llama in %s (random weights, tokenizer trained on the bundled corpus)", out)
@@ -76,13 +83,14 @@ def build_tiny(out_dir: str | Path, cfg: TinyModelConfig) -> Path:
         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
         vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-        rope_theta=500000.0,
+        rope_theta=500000.0, initializer_range=cfg.initializer_range,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / SPEC_FILE).write_text(spec)
         try:
             os.rename(tmp, out)
         except OSError:  # another process finished first

@@ -18,13 +18,16 @@ from sigil_exp.config import RunConfig
 # Overrides that do not describe *what* a job is (they say where or how long it runs).
 _NOT_IN_NAME = ("hydra.", "wandb.", "cache_dir", "experiment", "train.max_steps", "train.logging_steps",
                 "train.eval_steps", "train.save_steps", "eval.", "data.sources", "model.name_or_path",
-                "lora.r", "lora.alpha", "lora")
+                "lora.r", "lora.alpha", "lora", "sweep.", "train.init_adapter", "train.resume")
 
 
 def run_name(cfg: RunConfig, overrides: list[str] | None = None) -> str:
     """e.g. `r32-a16-all`, plus short forms of other swept keys (`r16-a32-attn-lr0.0001`)."""
     alpha = f"{cfg.lora.alpha:g}"
-    parts = [f"r{cfg.lora.r}", f"a{alpha}", cfg.lora.name]
+    targets = cfg.lora.name
+    if any(ov.lstrip("+~").startswith("lora.target_modules=") for ov in overrides or []):
+        targets = "+".join(m.removesuffix("_proj") for m in cfg.lora.target_modules)  # e.g. q+v
+    parts = [f"r{cfg.lora.r}", f"a{alpha}", targets]
     for ov in overrides or []:
         key, _, value = ov.lstrip("+~").partition("=")
         if not value or key.startswith(_NOT_IN_NAME) and not key.startswith("lora."):
@@ -35,6 +38,64 @@ def run_name(cfg: RunConfig, overrides: list[str] | None = None) -> str:
             key, key.split(".")[-1])
         parts.append(f"{short}{value}".replace("/", "_"))
     return "-".join(p for p in parts if p)[:120]
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of every job of a sweep (and of its report run): `sweep-<sweep folder>`."""
+    return "sweep-" + Path(sweep_dir).as_posix().strip("/").replace("/", "_").removeprefix("multirun_")
+
+
+def swept_keys(sweep_dir: str | Path, sweeper_params: dict[str, Any] | None = None) -> list[str]:
+    """The keys a sweep varies: sweep overrides on its command line (`lora.r=8,16`, `choice(...)`,
+    `range(...)`, `interval(...)`) plus the sweeper's own `params` (optuna search space).
+
+    The command line is read from `<sweep dir>/multirun.yaml`, which Hydra's basic sweeper writes
+    (and the sweep-report callback for other sweepers) before the first job starts."""
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = [str(k) for k in (sweeper_params or {})]
+    saved = Path(sweep_dir) / "multirun.yaml"
+    if saved.is_file():
+        hydra_cfg = (yaml.safe_load(saved.read_text()) or {}).get("hydra") or {}
+        keys += [str(k) for k in ((hydra_cfg.get("sweeper") or {}).get("params") or {})]
+        task = (hydra_cfg.get("overrides") or {}).get("task") or []
+        try:
+            parsed = OverridesParser.create().parse_overrides([str(t) for t in task])
+        except Exception:  # an override this parser cannot read must never break a job
+            parsed = []
+        keys += [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    return list(dict.fromkeys(k for k in keys if not k.startswith("hydra")))
+
+
+def summary_metrics(metrics: dict[str, Any], objective: str, direction: str) -> dict[str, Any]:
+    """Explicit scalar summary columns for the run table and parallel-coordinates view:
+    best eval loss, final train loss and tokens/s, peak memory, and the sweep objective."""
+    history = metrics.get("history") or []
+    evals = [r["eval/loss"] for r in history if isinstance(r.get("eval/loss"), int | float)]
+    if isinstance(metrics.get("eval/loss"), int | float):
+        evals.append(metrics["eval/loss"])
+    out: dict[str, Any] = {
+        "best/eval_loss": min(evals) if evals else None,
+        "final/train_loss": metrics.get("train/loss"),
+        "final/tokens_per_s": metrics.get("train/tokens_per_s"),
+        "final/peak_mem_gb": metrics.get("sys/peak_mem_gb"),
+        "objective": objective_value(metrics, objective, direction),
+        "objective_key": objective,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def objective_value(metrics: dict[str, Any], objective: str, direction: str) -> float:
+    """The number a sweeper optimises. A failed job, or one without the metric, gets the worst
+    value for the direction (+inf when minimising), so a search ranks it last and goes on.
+    `eval/loss` falls back to `train/loss` when the data has no validation split."""
+    value = metrics.get(objective) if metrics.get("status", "ok") == "ok" else None
+    if value is None and objective == "eval/loss" and metrics.get("status", "ok") == "ok":
+        value = metrics.get("train/loss")
+    if isinstance(value, int | float) and value == value:  # not NaN
+        return float(value)
+    return float("inf") if direction == "minimize" else float("-inf")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

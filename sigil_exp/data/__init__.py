@@ -1,92 +1,369 @@
-"""Data: sources -> filters -> dedup -> mix -> format -> tokenize -> train/val.
+"""Data: sources -> filters -> dedup -> split -> weight/mix -> format -> tokenize (-> trl packs).
 
 `build_datasets(cfg, tokenizer, max_seq_len, seed, cache_dir, run_dir)` is the one entry point
-the trainer calls; it returns tokenised train/eval datasets and the per-stage statistics.
+the trainer calls. It returns pre-tokenised train/eval datasets with `input_ids` and
+`completion_mask` (1 = token in the loss) and per-stage statistics, and caches the result under
+`<cache_dir>/datasets/<key>` so a second run with the same config skips all of it.
+
+Packing is left to trl (`packing=True`: bfd bins + padding-free batches whose per-document
+`position_ids` make SDPA/flash attention mask across documents; proven by
+tests/test_data_packing.py). Every sequence here is at most max_seq_len tokens, so trl's bfd
+never truncates.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+import numpy as np
 
-from sigil_exp.config import DataConfig, SigilError
-from sigil_exp.data.format import chat_messages, completion_prompt
-from sigil_exp.paths import resolve
+from sigil_exp.config import DataConfig, SigilError, SourceConfig
+from sigil_exp.data import cache, dedup, mix
+from sigil_exp.data.filters import filter_record, read_rust_file
+from sigil_exp.data.format import chat_messages, completion_prompt, encode, fit, render_prompt, text_encoder
+from sigil_exp.data.sources import (
+    KINDS,
+    Drop,
+    Record,
+    RustFile,
+    fingerprint,
+    iter_hf,
+    iter_jsonl,
+    iter_parquet,
+    source_name,
+    walk_rust_dir,
+)
+
+__all__ = ["DataBundle", "build_datasets", "chat_messages", "completion_prompt", "render_prompt"]
+
+log = logging.getLogger(__name__)
+EXAMPLES_PER_REASON = 5
+_BLOCK = 2048  # items handed to the workers at a time (bounds memory; lets max_records stop early)
 
 
 @dataclass
 class DataBundle:
-    train: Dataset
-    eval: Dataset | None
+    train: Any  # datasets.Dataset
+    eval: Any | None
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_jsonl(path: Path, on_error: str, stats: dict[str, int]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise SigilError(f"Data file {path} does not exist; fix data.sources.N.path.")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:
-                if on_error == "skip":
-                    stats["malformed"] = stats.get("malformed", 0) + 1
+# ------------------------------------------------------------------------------------ workers
+_WORKER: dict[str, Any] = {}  # per-process state of the pool workers (set once by _init_worker)
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    _WORKER.update(state)
+
+
+def _filter_item(item: RustFile | Record | Drop) -> tuple[Record | Drop, int]:
+    if isinstance(item, Drop):
+        return item, 0
+    if isinstance(item, RustFile):
+        item = read_rust_file(item, _WORKER["filters"])
+        if isinstance(item, Drop):
+            return item, 0
+    return filter_record(item, _WORKER["filters"], _WORKER["ngram"])
+
+
+def _encode_batch(recs: list[Record]) -> list[tuple[list[tuple[np.ndarray, np.ndarray]], str]]:
+    w = _WORKER
+    out = []
+    for rec in recs:
+        ids, mask, prompt_len = encode(rec, w["format"], w["tokenizer"], w["ids_of"])
+        pieces, outcome = fit(ids, mask, prompt_len, w["max_len"], w["overlong"])
+        out.append(([(np.asarray(i, dtype=np.int32), np.asarray(m, dtype=np.int8)) for i, m in pieces], outcome))
+    return out
+
+
+@contextmanager
+def _pool(num_proc: int, state: dict[str, Any]):
+    """A fork pool of num_proc workers sharing `state` (no pickling of the tokenizer), or an
+    in-process stand-in when num_proc == 1. Yields a `map(fn, iterable)` that keeps order."""
+    _init_worker(state)
+    if num_proc <= 1:
+        yield lambda fn, it, chunksize=1: map(fn, it)
+        return
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism; no fork warning
+    try:
+        with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(state,)) as pool:
+            yield lambda fn, it, chunksize=16: pool.imap(fn, it, chunksize=chunksize)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _progress(it: Iterable | None, desc: str, unit: str):
+    """A tqdm bar (shown on a terminal only) over `it`, or a manual one when `it` is None."""
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit=unit, disable=None, mininterval=1.0)
+
+
+# ---------------------------------------------------------------------------------- collection
+def _items(src: SourceConfig, index: int, cfg: DataConfig) -> Iterator[RustFile | Record | Drop]:
+    if src.kind == "rust_dir":
+        return walk_rust_dir(src, index, cfg.filters.skip_paths)
+    if src.kind == "jsonl":
+        return iter_jsonl(src, index, cfg.on_error)
+    if src.kind == "parquet":
+        return iter_parquet(src, index, cfg.on_error)
+    return iter_hf(src, index, cfg.on_error)
+
+
+def _collect_source(index: int, src: SourceConfig, cfg: DataConfig, pmap, state: dedup.DedupState
+                    ) -> tuple[list[Record], dict[str, Any]]:
+    name = source_name(src)
+    drops: Counter[str] = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+    kept: list[Record] = []
+    seen = n_bytes = stripped_items = stripped_files = 0
+    items = _items(src, index, cfg)
+    bar = _progress(None, f"data: reading {name}", "file" if src.kind == "rust_dir" else "rec")
+    done = False
+    while not done:
+        block = list(islice(items, _BLOCK))
+        if not block:
+            break
+        for result, stripped in pmap(_filter_item, block):
+            seen += 1
+            if isinstance(result, Record):
+                n_bytes += result.n_bytes
+                reason = dedup.check(state, result.key, result.signature)
+                result.signature = None  # not needed downstream; keeps worker traffic small
+                if reason is None:
+                    kept.append(result)
+                    stripped_items += stripped
+                    stripped_files += bool(stripped)
+                    if src.max_records is not None and len(kept) >= src.max_records:
+                        done = True
+                        break
                     continue
-                raise SigilError(f"{path}:{lineno} is not a valid JSON object ({e}); fix the line or set data.on_error=skip.") from None
-            records.append(rec)
-    return records
+                result = Drop(reason, result.origin)
+            drops[result.reason] += 1
+            if len(examples[result.reason]) < EXAMPLES_PER_REASON:
+                examples[result.reason].append(result.origin)
+        bar.update(len(block))
+    bar.close()
+    report = {"name": name, "kind": src.kind, "path": src.path, "weight": src.weight, "seen": seen,
+              "kept": len(kept), "mb_read": round(n_bytes / 1e6, 3), "drops": dict(sorted(drops.items())),
+              "examples": dict(examples), "tests_stripped_items": stripped_items,
+              "tests_stripped_files": stripped_files, "capped_at_max_records": done}
+    log.info("data: source %s (%s): %d seen, %d kept; dropped %s", name, src.kind, seen, len(kept),
+             ", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "nothing")
+    return kept, report
 
 
-def _split_of(rec: dict[str, Any], val_fraction: float) -> str:
-    key = json.dumps([rec.get(k) for k in ("prompt", "gen", "text", "messages")], sort_keys=True)
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "eval" if bucket < val_fraction else "train"
+def _check_config(cfg: DataConfig, max_seq_len: int) -> None:
+    for i, s in enumerate(cfg.sources):
+        if s.kind not in KINDS:
+            raise SigilError(f"data.sources.{i}.kind={s.kind!r} is not one of {', '.join(KINDS)}; fix the kind.")
+    if max_seq_len < 8:
+        raise SigilError(f"model.max_seq_len={max_seq_len} is too small to hold a prompt and a completion; use >= 256.")
 
 
-def _tokenize(rec: dict[str, Any], fmt: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """input_ids and completion_mask (1 = token counts in the loss); EOS appended."""
-    eos = [tokenizer.eos_token_id]
-    if fmt == "text" or "text" in rec:
-        ids = tokenizer(rec["text"], add_special_tokens=False)["input_ids"] + eos
-        return ids, [1] * len(ids)
-    if fmt == "chat" or "messages" in rec:
-        messages = rec.get("messages") or chat_messages(rec["prompt"], rec["gen"])
-        prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-        p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        return full, [0] * len(p) + [1] * (len(full) - len(p))
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    p = bos + tokenizer(completion_prompt(rec["prompt"]), add_special_tokens=False)["input_ids"]
-    g = tokenizer(rec["gen"], add_special_tokens=False)["input_ids"] + eos
-    return p + g, [0] * len(p) + [1] * len(g)
+# ------------------------------------------------------------------------------- tokenisation
+def _batches(recs: list[Record], size: int = 32) -> Iterator[list[Record]]:
+    for i in range(0, len(recs), size):
+        yield recs[i:i + size]
 
 
+def _to_dataset(rows: list[tuple[np.ndarray, np.ndarray]]):
+    """A datasets.Dataset with input_ids (int32 lists) and completion_mask (int8 lists), built
+    straight from numpy (no per-token Python objects)."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    chunks_ids, chunks_mask = [], []
+    for start in range(0, max(len(rows), 1), 50_000):
+        part = rows[start:start + 50_000]
+        lengths = np.fromiter((len(r[0]) for r in part), dtype=np.int64, count=len(part))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        ids = np.concatenate([r[0] for r in part]) if part else np.zeros(0, np.int32)
+        mask = np.concatenate([r[1] for r in part]) if part else np.zeros(0, np.int8)
+        chunks_ids.append(pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())))
+        chunks_mask.append(pa.ListArray.from_arrays(offsets, pa.array(mask, pa.int8())))
+    table = pa.Table.from_arrays([pa.chunked_array(chunks_ids), pa.chunked_array(chunks_mask)],
+                                 names=["input_ids", "completion_mask"])
+    return Dataset(InMemoryTable(table))
+
+
+def _tokenize(splits: dict[str, list[Record]], pmap) -> tuple[dict[str, list], Counter[str], dict[str, int]]:
+    rows: dict[str, list] = {}
+    outcomes: Counter[str] = Counter()
+    extra: Counter[str] = Counter()
+    for split, recs in splits.items():
+        rows[split] = []
+        results = pmap(_encode_batch, _batches(recs), chunksize=1)
+        n_batches = math.ceil(len(recs) / 32)
+        for batch in _progress(results, f"data: tokenising {split}", "batch") if n_batches > 4 else results:
+            for pieces, outcome in batch:
+                outcomes[outcome] += 1
+                if outcome == "split":
+                    extra["overlong_extra_chunks"] += len(pieces) - 1
+                rows[split].extend(pieces)
+    return rows, outcomes, dict(extra)
+
+
+# ------------------------------------------------------------------------------------- stats
+def _flat_stats(report: dict[str, Any]) -> dict[str, Any]:
+    """The scalar view of the report that the trainer logs as data/<key>."""
+    stats: dict[str, Any] = {}
+    drops: Counter[str] = Counter()
+    for s in report["sources"]:
+        drops.update(s["drops"])
+        stats[f"source/{s['name']}/kept"] = s["kept"]
+        stats[f"source/{s['name']}/train_records"] = report["train_records_by_source"].get(s["name"], 0)
+    stats.update({f"drop/{k}": v for k, v in sorted(drops.items())})
+    stats.update(report["totals"])
+    stats.update({f"task/{k}": v for k, v in sorted(report["train_records_by_task"].items())})
+    return stats
+
+
+def _write_run_stats(run_dir: Path | None, report: dict[str, Any]) -> None:
+    if run_dir is None:
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "data_stats.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+# --------------------------------------------------------------------------------- entry point
 def build_datasets(
     cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: int, cache_dir: str, run_dir: Path | None = None
 ) -> DataBundle:
-    stats: dict[str, int] = {}
-    rows: dict[str, list[dict[str, list[int]]]] = {"train": [], "eval": []}
-    for src in cfg.sources:
-        for rec in _read_jsonl(resolve(src.path), cfg.on_error, stats):
-            ids, mask = _tokenize(rec, cfg.format, tokenizer)
-            if len(ids) > max_seq_len:
-                stats["overlong_truncated"] = stats.get("overlong_truncated", 0) + 1
-                ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-            rows[_split_of(rec, cfg.val_fraction)].append({"input_ids": ids, "completion_mask": mask})
+    """Sources -> filters -> dedup -> split -> weight/mix -> format -> tokenize, cached.
+
+    Raises SigilError (one sentence) for bad input: a malformed line (file:line), a source that
+    yields nothing after filters (with the per-filter counts), an unknown task_weights key."""
+    t0 = time.perf_counter()
+    _check_config(cfg, max_seq_len)
+    tok_id = cache.tokenizer_identity(tokenizer)
+    key = cache.cache_key(cfg, tok_id, max_seq_len, seed, [fingerprint(s) for s in cfg.sources])
+    entry = cache.entry_dir(cache_dir, key)
+    if cfg.cache:
+        hit = cache.load(entry)
+        if hit is not None:
+            train, ev, report = hit
+            report["stats"].update(cache_hit=True, load_s=round(time.perf_counter() - t0, 3))
+            report["cache_entry"] = str(entry)
+            log.info("data: cache hit %s (%d train / %d eval sequences)", entry, len(train), len(ev) if ev else 0)
+            _write_run_stats(run_dir, report)
+            return DataBundle(train=train, eval=ev, stats=report["stats"])
+
+    num_proc = max(1, min(cfg.num_proc, os.cpu_count() or 1))
+    f = cfg.filters
+    state = {"filters": f, "ngram": f.minhash_ngram if f.dedup == "minhash" else None, "tokenizer": tokenizer,
+             "ids_of": text_encoder(tokenizer), "format": cfg.format, "max_len": max_seq_len,
+             "overlong": cfg.overlong}
+    dd = dedup.new_state(f.dedup, f.minhash_threshold)
+    with _pool(num_proc, state) as pmap:
+        per_source, source_reports = [], []
+        for i, src in enumerate(cfg.sources):
+            kept, rep = _collect_source(i, src, cfg, pmap, dd)
+            if not kept:
+                counts = ", ".join(f"{k}={v}" for k, v in rep["drops"].items()) or "no records at all"
+                raise SigilError(f"data.sources.{i} ({rep['name']}, {src.path}) yielded nothing after filters "
+                                 f"({rep['seen']} seen: {counts}); fix data.sources.{i}.path or loosen data.filters.")
+            per_source.append(kept)
+            source_reports.append(rep)
+        t_collect = time.perf_counter() - t0
+
+        splits_by_source = [
+            {s: [r for r in recs if mix.split_of(r.key, cfg.val_fraction) == s] for s in ("train", "eval")}
+            for recs in per_source
+        ]
+        tasks_seen = {r.task_type for recs in per_source for r in recs if r.task_type}
+        mix.check_task_weights(dict(cfg.task_weights), tasks_seen)
+        weighted = [mix.apply_task_weights(s["train"], dict(cfg.task_weights), seed) for s in splits_by_source]
+        train_recs = mix.mix(weighted, [s.weight for s in cfg.sources], [r["name"] for r in source_reports],
+                             cfg.mix, seed)
+        eval_recs = [r for s in splits_by_source for r in s["eval"]]
+        if cfg.max_examples is not None:
+            train_recs = train_recs[:cfg.max_examples]
+            eval_recs = eval_recs[:max(1, math.ceil(cfg.max_examples * cfg.val_fraction))]
+        t_mix = time.perf_counter()
+        rows, outcomes, extra = _tokenize({"train": train_recs, "eval": eval_recs}, pmap)
+        t_tok = time.perf_counter() - t_mix
+
     if not rows["train"]:
-        raise SigilError(f"data={cfg.name} yielded no training examples ({stats}); check data.sources.")
-    stats.update(train_examples=len(rows["train"]), eval_examples=len(rows["eval"]))
-    train = Dataset.from_list(rows["train"]).shuffle(seed=seed)
-    ev = Dataset.from_list(rows["eval"]) if rows["eval"] else None
-    return DataBundle(train=train, eval=ev, stats=stats)
+        raise SigilError(f"data={cfg.name}: no training sequence is left after formatting ({dict(outcomes)}); "
+                         f"raise model.max_seq_len or set data.overlong=split.")
+    train, ev = _to_dataset(rows["train"]), (_to_dataset(rows["eval"]) if rows["eval"] else None)
+    mb = sum(r["mb_read"] for r in source_reports)
+    elapsed = time.perf_counter() - t0
+    totals = {
+        "cache_hit": False,
+        "records_seen": sum(r["seen"] for r in source_reports),
+        "records_kept": sum(r["kept"] for r in source_reports),
+        "tests_stripped_items": sum(r["tests_stripped_items"] for r in source_reports),
+        "tests_stripped_files": sum(r["tests_stripped_files"] for r in source_reports),
+        "train_records": len(train_recs),
+        "eval_records": len(eval_recs),
+        "train_examples": len(rows["train"]),
+        "eval_examples": len(rows["eval"]),
+        "train_tokens": int(sum(len(r[0]) for r in rows["train"])),
+        "train_loss_tokens": int(sum(int(r[1].sum()) for r in rows["train"])),
+        "eval_tokens": int(sum(len(r[0]) for r in rows["eval"])),
+        "max_seq_len": max_seq_len,
+        "overlong_split": outcomes["split"],
+        "overlong_extra_chunks": extra.get("overlong_extra_chunks", 0),
+        "overlong_truncated": outcomes["truncated"],
+        "overlong_dropped": outcomes["dropped"],
+        "prompt_too_long": outcomes["prompt_too_long"],
+        "no_loss_dropped": outcomes["no_loss"],
+        "source_mb": round(mb, 3),
+        "preprocess_s": round(elapsed, 2),
+        "collect_s": round(t_collect, 2),  # read + filter + dedup
+        "tokenize_s": round(t_tok, 2),
+        "mb_per_s": round(mb / elapsed, 3) if elapsed > 0 else None,
+        "num_proc": num_proc,
+    }
+    report = {
+        "stats": {},
+        "totals": totals,
+        "sources": source_reports,
+        "train_records_by_source": dict(Counter(r.source for r in train_recs)),
+        "train_records_by_task": dict(Counter(r.task_type or "none" for r in train_recs)),
+        "drop_examples": _merge_examples(source_reports),
+        "config": cache.config_dict(cfg),
+        "tokenizer": tok_id,
+        "cache_key": key,
+        "cache_entry": str(entry) if cfg.cache else None,
+    }
+    report["stats"] = _flat_stats(report)
+    log.info("data: %d train / %d eval sequences (%d train tokens) from %.1f MB in %.1f s",
+             totals["train_examples"], totals["eval_examples"], totals["train_tokens"], mb, elapsed)
+    if cfg.cache:
+        t_save = time.perf_counter()
+        cache.save_atomic(entry, train, ev, report)
+        hit = cache.load(entry)  # memory-mapped from the cache from now on
+        if hit is not None:
+            train, ev, _ = hit
+        report["stats"]["cache_write_s"] = round(time.perf_counter() - t_save, 2)
+    _write_run_stats(run_dir, report)
+    return DataBundle(train=train, eval=ev, stats=report["stats"])
+
+
+def _merge_examples(reports: list[dict[str, Any]]) -> dict[str, list[str]]:
+    merged: dict[str, list[str]] = defaultdict(list)
+    for r in reports:
+        for reason, paths in r["examples"].items():
+            merged[reason].extend(paths[:EXAMPLES_PER_REASON - len(merged[reason])])
+    return dict(merged)

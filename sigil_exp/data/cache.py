@@ -1,0 +1,86 @@
+"""The processed-dataset cache: `<cache_dir>/datasets/<key>/{train,eval,report.json}`.
+
+key = hash(data config + each source's fingerprint (paths, sizes, mtimes) + tokenizer identity
+(name_or_path + vocab/special-token/chat-template hash) + max_seq_len + seed + PIPELINE_VERSION).
+Written into a temporary sibling folder and renamed into place, so an error or a kill never
+leaves a half-written entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sigil_exp.config import DataConfig
+
+PIPELINE_VERSION = 1  # bump when preprocessing changes what a given config produces
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # a DictConfig
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256()
+    for tok, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}\0{tok}\n".encode("utf-8", "surrogatepass"))
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None),
+                         type(tokenizer).__name__], default=str).encode())
+    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "vocab_hash": h.hexdigest()[:16],
+            "vocab_size": len(vocab)}
+
+
+def cache_key(cfg: DataConfig, tokenizer_id: dict[str, Any], max_seq_len: int, seed: int,
+              fingerprints: list[str]) -> str:
+    blob = json.dumps({"data": config_dict(cfg), "tokenizer": tokenizer_id, "max_seq_len": max_seq_len,
+                       "seed": seed, "sources": fingerprints, "version": PIPELINE_VERSION},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def entry_dir(cache_dir: str, key: str) -> Path:
+    return Path(cache_dir).expanduser() / "datasets" / key
+
+
+def load(entry: Path):
+    """(train, eval or None, report) from a complete cache entry, or None."""
+    from datasets import load_from_disk
+
+    report_file = entry / "report.json"
+    if not report_file.is_file():
+        return None
+    report = json.loads(report_file.read_text())
+    train = load_from_disk(str(entry / "train"))
+    ev = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
+    return train, ev, report
+
+
+def save_atomic(entry: Path, train, ev, report: dict[str, Any]) -> None:
+    """Write the entry into a temporary folder next to it, then rename it into place."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if ev is not None:
+            ev.save_to_disk(str(tmp / "eval"))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))  # last: marks completeness
+        if entry.exists() and not (entry / "report.json").is_file():
+            shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry left by an older version
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another run wrote the same entry first: keep theirs
+            if not (entry / "report.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

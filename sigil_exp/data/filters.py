@@ -1,0 +1,181 @@
+"""Filters: one record (or one .rs file) in, the kept record or a `Drop(reason)` out.
+
+Drop reasons (each counted in stats as `drop/<reason>`, with example paths in data_stats.json):
+  skip_path      path matches data.filters.skip_paths (vendor/, target/, node_modules/, generated, ...)
+  non_rust       not a .rs file (Cargo.lock, Cargo.toml, README, ...), kind=rust_dir only
+  unreadable     could not be read (permissions, vanished)           binary / non_utf8   what it says
+  generated      a generator banner (`@generated`, `DO NOT EDIT`) in the first lines
+  tests          test code: a tests/ path or `#![cfg(test)]` file (tests=strip|drop), or a file
+                 with `#[cfg(test)]` items (tests=drop; tests=strip removes the items instead)
+  benches / examples   benches/ or examples/ paths (drop_benches / drop_examples)
+  too_short / too_long   outside [min_chars, max_chars] (after stripping tests)
+  long_lines     a line longer than max_line_chars (minified code, data tables)
+  undocumented   prefer_documented and no doc comment (///, //!, /** */)
+  not_idiomatic  prefer_idiomatic and idiomatic/low-quality marker ratio < min_idiomatic_ratio
+  malformed      unusable JSON line / row (data.on_error=skip)
+  duplicate_exact / duplicate_near   removed by dedup (dedup.py)
+File-level filters (generated, tests, long_lines, quality) apply to source files ({text}
+records); {prompt, gen} and chat records get path, length and dedup filters, plus the quality
+filters on their code when filters.quality_on_pairs is set (never for task_type=explanations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+
+import numpy as np
+
+from sigil_exp.config import FilterConfig
+from sigil_exp.data import rust
+from sigil_exp.data.sources import Drop, Record, RustFile, skip_pattern
+
+_TEST_FILE = re.compile(r"(^|/)(tests?|test_utils|testing)/|(^|/)tests?\.rs$|_tests?\.rs$")
+_BENCH = re.compile(r"(^|/)benches/")
+_EXAMPLE = re.compile(r"(^|/)examples/")
+
+
+def path_reason(path: str, f: FilterConfig) -> str | None:
+    """Why a file at this (crate- or repo-relative) path is dropped, or None."""
+    if skip_pattern(path, f.skip_paths) is not None:
+        return "skip_path"
+    if f.tests != "keep" and _TEST_FILE.search(path):
+        return "tests"
+    if f.drop_benches and _BENCH.search(path):
+        return "benches"
+    if f.drop_examples and _EXAMPLE.search(path):
+        return "examples"
+    return None
+
+
+def normalise(text: str) -> str:
+    """Content used for the dedup/split hash: line endings, trailing spaces and blank edges ignored."""
+    return "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").split("\n")).strip("\n")
+
+
+def content_key(rec: Record) -> str:
+    if rec.kind == "text":
+        body = normalise(rec.text)
+    elif rec.kind == "completion":
+        body = normalise(rec.prompt) + "\0" + normalise(rec.gen)
+    else:
+        body = "\0".join(m["role"] + "\x01" + normalise(m["content"]) for m in rec.messages)
+    return hashlib.sha1(body.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def code_of(rec: Record) -> str:
+    if rec.kind == "text":
+        return rec.text
+    if rec.kind == "completion":
+        return rec.gen
+    return next(m["content"] for m in reversed(rec.messages) if m["role"] == "assistant")
+
+
+# ------------------------------------------------------------------------------------ MinHash
+NUM_PERM = 128
+_MASK32 = np.uint64(0xFFFFFFFF)
+_PERM_A = np.random.default_rng(1234).integers(1, 2**63, NUM_PERM, dtype=np.uint64) | np.uint64(1)
+_PERM_B = np.random.default_rng(5678).integers(0, 2**63, NUM_PERM, dtype=np.uint64)
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|[^\sA-Za-z0-9_]")
+
+
+def minhash(text: str, ngram: int) -> np.ndarray:
+    """128-permutation MinHash (uint32) of the set of `ngram`-token shingles of `text`."""
+    toks = np.fromiter((zlib.crc32(t.encode()) for t in _WORD.findall(text)), dtype=np.uint64)
+    if toks.size == 0:
+        return np.full(NUM_PERM, 0xFFFFFFFF, dtype=np.uint32)
+    k = min(ngram, toks.size)
+    n = toks.size - k + 1
+    sh = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(k):  # polynomial combination of k consecutive token hashes (wraps mod 2^64)
+            sh = sh * np.uint64(0x100000001B3) + toks[j:j + n]
+        sh = np.unique(sh)
+        sig = np.full(NUM_PERM, np.iinfo(np.uint64).max, dtype=np.uint64)
+        for start in range(0, sh.size, 2048):  # multiply-shift hashing, in blocks to bound memory
+            block = sh[start:start + 2048, None] * _PERM_A[None, :] + _PERM_B[None, :]
+            np.minimum(sig, (block >> np.uint64(32)).min(axis=0), out=sig)
+    return (sig & _MASK32).astype(np.uint32)
+
+
+# ------------------------------------------------------------------------------------ filters
+def _length_reason(code: str, f: FilterConfig) -> str | None:
+    if len(code.strip()) < f.min_chars:
+        return "too_short"
+    if len(code) > f.max_chars:
+        return "too_long"
+    return None
+
+
+def _quality_reason(code: str, view: str, f: FilterConfig) -> str | None:
+    if f.prefer_documented and rust.doc_comment_count(code) == 0:
+        return "undocumented"
+    if f.prefer_idiomatic and rust.idiomatic_ratio(code, view) < f.min_idiomatic_ratio:
+        return "not_idiomatic"
+    return None
+
+
+def filter_record(rec: Record, f: FilterConfig, minhash_ngram: int | None) -> tuple[Record | Drop, int]:
+    """Apply every filter to one record: (kept record with key/signature set, or Drop; number of
+    test items stripped)."""
+    if rec.path is not None:
+        reason = path_reason(rec.path, f)
+        if reason:
+            where = rec.origin if rec.origin.endswith(rec.path) else f"{rec.origin} ({rec.path})"
+            return Drop(reason, where), 0
+    stripped = 0
+    if rec.kind == "text":
+        text = rec.text.lstrip("\ufeff")
+        if "\x00" in text[:8192]:
+            return Drop("binary", rec.origin), 0
+        if rust.looks_generated(text):
+            return Drop("generated", rec.origin), 0
+        view = rust.code_view(text)
+        if f.tests != "keep":
+            if rust.is_test_only(text, view):
+                return Drop("tests", rec.origin), 0
+            if rust.has_test_items(view):
+                if f.tests == "drop":
+                    return Drop("tests", rec.origin), 0
+                text, stripped = rust.strip_test_items(text, view)
+                view = rust.code_view(text)
+        reason = _length_reason(text, f)
+        if reason is None and f.max_line_chars and max(map(len, text.split("\n"))) > f.max_line_chars:
+            reason = "long_lines"
+        reason = reason or _quality_reason(text, view, f)
+        if reason:
+            return Drop(reason, rec.origin), 0
+        rec.text = text
+    else:
+        code = code_of(rec)
+        reason = _length_reason(code, f)
+        if reason is None and f.quality_on_pairs and rec.task_type != "explanations":
+            reason = _quality_reason(code, rust.code_view(code), f)
+        if reason:
+            return Drop(reason, rec.origin), 0
+    rec.key = content_key(rec)
+    if minhash_ngram:
+        rec.signature = minhash(code_of(rec) if rec.kind != "completion" else rec.prompt + "\n" + rec.gen,
+                                minhash_ngram)
+    return rec, stripped
+
+
+def read_rust_file(item: RustFile, f: FilterConfig) -> Record | Drop:
+    """Read one .rs file found by the rust_dir walk (path filters already applied to its
+    walk-relative path; filter_record checks the crate-relative one)."""
+    try:
+        with open(item.abspath, "rb") as fh:
+            head = fh.read(f.max_chars * 4 + 1)  # a UTF-8 char is at most 4 bytes
+    except OSError:
+        return Drop("unreadable", item.origin)
+    if len(head) > f.max_chars * 4:
+        return Drop("too_long", item.origin)
+    if b"\x00" in head[:8192]:
+        return Drop("binary", item.origin)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return Drop("non_utf8", item.origin)
+    return Record(kind="text", text=text, source=item.source, origin=item.origin, path=item.path,
+                  crate=item.crate, meta={"crate": item.crate, "path": item.path}, n_bytes=len(head))

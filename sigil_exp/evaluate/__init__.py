@@ -1,0 +1,121 @@
+"""Evaluation: does the adapter write Rust that compiles and passes tests?
+
+    problems (HumanEval-Rust JSONL) -> generate (batched, brace stop) -> completions.jsonl
+        -> execute (sandboxed rustc --test + test run; batched crates) -> results.jsonl
+        -> metrics (compile rate, pass@k, per category, error codes) -> metrics.json + W&B
+
+`run_evaluation(cfg, model, tokenizer, out_dir)` is what the trainer calls;
+`python -m sigil_exp.evaluate <run or adapter folder>` is the CLI (see README.md here).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sigil_exp.config import EvalConfig, RunConfig
+from sigil_exp.evaluate.execute import (
+    ExecConfig,
+    ProblemFailure,
+    Result,
+    Sample,
+    check_problems,
+    execute,
+    find_toolchain,
+)
+from sigil_exp.evaluate.generate import (
+    Completion,
+    GenConfig,
+    generate_completions,
+    read_completions,
+    write_completions,
+)
+from sigil_exp.evaluate.metrics import compute_metrics, error_histogram
+from sigil_exp.evaluate.problems import Problem, load_problems
+from sigil_exp.evaluate.sandbox import detect_sandbox
+
+__all__ = ["run_evaluation", "execute_completions", "check_problems", "load_problems", "ProblemFailure",
+           "Problem", "Result", "Sample", "Completion", "compute_metrics", "exec_config", "gen_config",
+           "generate_completions", "read_completions", "write_completions", "find_toolchain"]
+
+log = logging.getLogger(__name__)
+TABLE_COLUMNS = ["task", "category", "completion", "verdict", "error"]
+
+
+def exec_config(ev: EvalConfig) -> ExecConfig:
+    return ExecConfig(edition=ev.edition, timeout_s=ev.timeout_s, compile_timeout_s=ev.compile_timeout_s,
+                      workers=ev.workers, batch_size=ev.crate_size, clippy=ev.clippy, run_mem_mb=ev.run_mem_mb)
+
+
+def gen_config(ev: EvalConfig, fmt: str) -> GenConfig:
+    return GenConfig(fmt=fmt, n_samples=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p,
+                     max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, seed=ev.seed)
+
+
+def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path) -> dict[str, float]:
+    """Generate, save completions, execute, write results + metrics, log to W&B; flat metrics back."""
+    ev = cfg.eval
+    problems = load_problems(ev.problems, ev.limit)
+    toolchain = find_toolchain()  # fail before spending time on generation
+    sandbox = detect_sandbox(ev.sandbox)
+    eval_dir = Path(out_dir) / "eval"
+    t0 = time.perf_counter()
+    padding_side = getattr(tokenizer, "padding_side", "right")
+    try:
+        completions = generate_completions(model, tokenizer, problems, gen_config(ev, cfg.data.format))
+    finally:
+        tokenizer.padding_side = padding_side
+    gen_s = time.perf_counter() - t0
+    write_completions(eval_dir / "completions.jsonl", completions)
+    metrics = execute_completions(completions, ev, eval_dir, sandbox=sandbox, toolchain=toolchain,
+                                  extra={"generation_s": round(gen_s, 2), "format": cfg.data.format})
+    log_to_wandb(metrics, eval_dir)
+    return metrics
+
+
+def execute_completions(completions: list[Completion], ev: EvalConfig, eval_dir: Path, *, sandbox=None,
+                        toolchain=None, extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Execute saved completions; write results.jsonl and metrics.json into `eval_dir`."""
+    sandbox = sandbox or detect_sandbox(ev.sandbox)
+    samples = [Sample(task_id=c.task_id, category=c.category, prompt=c.prompt, completion=c.completion, test=c.test,
+                      sample_idx=c.sample_idx) for c in completions]
+    t0 = time.perf_counter()
+    results = execute(samples, exec_config(ev), sandbox, toolchain, progress=log.info)
+    exec_s = time.perf_counter() - t0
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    with (eval_dir / "results.jsonl").open("w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    metrics = compute_metrics(results)
+    summary = {
+        "metrics": metrics, "error_codes": error_histogram(results), "sandbox": sandbox.describe(),
+        "execution_s": round(exec_s, 2), "samples_per_min": round(len(results) / max(exec_s, 1e-9) * 60, 1),
+        "eval_config": asdict(ev), **(extra or {}),
+    }
+    (eval_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("eval: %d samples, compile_rate %.3f, pass@1 %.3f (sandbox %s, %.1fs)", len(results),
+             metrics.get("eval/compile_rate", 0.0), metrics.get("eval/pass@1", 0.0), sandbox.describe(), exec_s)
+    return metrics
+
+
+def log_to_wandb(metrics: dict[str, float], eval_dir: Path) -> None:
+    """Metrics and an `eval/samples` table into the active W&B run, if there is one."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    rows = []
+    with (eval_dir / "results.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            error = ", ".join(r["error_codes"]) or r["stderr"][:300]
+            rows.append([r["task_id"], r["category"], r["completion"], r["verdict"], error])
+    wandb.log({**metrics, "eval/samples": wandb.Table(columns=TABLE_COLUMNS, data=rows)})
+    for k, v in metrics.items():
+        wandb.run.summary[k] = v

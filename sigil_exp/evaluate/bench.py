@@ -1,0 +1,92 @@
+"""Execution throughput: the naive one-rustc-per-sample loop against the batched fast path,
+over the same samples, with the verdict agreement between the two.
+
+    python -m sigil_exp.evaluate.bench                      # ~200 samples from the bundled problems
+    python -m sigil_exp.evaluate.bench --per-problem 5 --workers 2
+
+The samples per problem: the canonical solution, `todo!()`, a wrong-type body `()`, an
+operator flip of the canonical solution, and (with --per-problem 5) an undefined name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+
+from sigil_exp.evaluate.execute import ExecConfig, Result, Sample, execute, find_toolchain
+from sigil_exp.evaluate.problems import Problem, load_problems
+from sigil_exp.evaluate.sandbox import detect_sandbox
+
+_FLIPS = ((" + ", " - "), (" < ", " <= "), (" > ", " >= "), (" == ", " != "), ("+= 1", "+= 2"), (".max(", ".min("))
+
+
+def flip_operator(body: str) -> str:
+    for a, b in _FLIPS:
+        if a in body:
+            return body.replace(a, b, 1)
+    return body.replace("\n}", "\n    ;\n}", 1)  # nothing to flip: a harmless change
+
+
+def bench_samples(problems: list[Problem], per_problem: int = 4) -> list[Sample]:
+    """Canonical, obviously wrong and compile-error variants of each problem's solution."""
+    out = []
+    for p in problems:
+        if not p.canonical_solution:
+            continue
+        variants = [p.canonical_solution, "    todo!()\n}\n", "    ()\n}\n", flip_operator(p.canonical_solution),
+                    "    let _unused = undefined_helper(1);\n" + p.canonical_solution]
+        out += [Sample.of(p, c, i) for i, c in enumerate(variants[:per_problem])]
+    return out
+
+
+def _timed(samples: list[Sample], cfg: ExecConfig, sb, tc) -> tuple[list[Result], float]:
+    t0 = time.perf_counter()
+    results = execute(samples, cfg, sb, tc)
+    return results, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m sigil_exp.evaluate.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", default="pkg://assets/rust_problems.jsonl")
+    ap.add_argument("--limit", type=int, default=50, help="problems to use (default 50: 200 samples)")
+    ap.add_argument("--per-problem", type=int, default=4, choices=range(1, 6))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32, help="samples per crate on the fast path")
+    ap.add_argument("--sandbox", default="auto")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = ap.parse_args(argv)
+
+    samples = bench_samples(load_problems(args.problems, args.limit), args.per_problem)
+    sb, tc = detect_sandbox(args.sandbox), find_toolchain()
+    naive, t_naive = _timed(samples, ExecConfig(workers=args.workers, batch_size=1), sb, tc)
+    fast, t_fast = _timed(samples, ExecConfig(workers=args.workers, batch_size=args.batch_size), sb, tc)
+    same = [(a.verdict, a.error_codes) == (b.verdict, b.error_codes) for a, b in zip(naive, fast, strict=True)]
+    summary = {
+        "samples": len(samples), "workers": args.workers, "sandbox": sb.describe(),
+        "naive_samples_per_min": round(len(samples) / t_naive * 60, 1),
+        "fast_samples_per_min": round(len(samples) / t_fast * 60, 1),
+        "speedup": round(t_naive / t_fast, 2),
+        "verdict_agreement": f"{sum(same)}/{len(samples)}",
+        "verdicts": dict(Counter(r.verdict for r in fast)),
+        "fast_paths": dict(Counter(r.path for r in fast)),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{len(samples)} samples, {args.workers} workers, sandbox {summary['sandbox']}")
+        print(f"  naive (one rustc per sample): {t_naive:6.1f} s  {summary['naive_samples_per_min']:8.1f} samples/min")
+        print(f"  fast  (batched crates):       {t_fast:6.1f} s  {summary['fast_samples_per_min']:8.1f} samples/min"
+              f"  ({summary['speedup']}x)")
+        print(f"  verdict agreement: {summary['verdict_agreement']}  verdicts {summary['verdicts']}  "
+              f"paths {summary['fast_paths']}")
+        for a, b, ok in zip(naive, fast, same, strict=True):
+            if not ok:
+                print(f"  DIFFERENT {a.task_id}#{a.sample_idx}: naive {a.verdict} {a.error_codes} / "
+                      f"fast {b.verdict} {b.error_codes}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
