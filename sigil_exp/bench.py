@@ -102,6 +102,11 @@ def naive_config(micro_batch: int):
 
 def row_config(spec: dict[str, Any]):
     cfg = naive_config(spec["micro_batch"] or 1) if spec["recipe"] == "naive" else compose_preset(spec["recipe"])
+    if spec.get("overrides"):  # ablation rows: one lever of the preset reverted
+        ov = dict(spec["overrides"])
+        if "lora.dropout" in ov:
+            cfg.lora.dropout = float(ov.pop("lora.dropout"))
+        cfg.hardware = replace(cfg.hardware, **ov)
     hw = cfg.hardware
     if spec["tiny"]:  # the CPU stand-ins for what only exists on CUDA; everything else as configured
         cfg.hardware = replace(hw, device="cpu", liger_kernel=False, optimizer="adamw_torch", gpu_memory_gb=None,
@@ -219,13 +224,33 @@ def _make_optimizer(model, cfg, steps: int):
 
     from sigil_exp.train import sft_config
 
-    args = sft_config(cfg, Path(os.environ.get("SIGIL_BENCH_WORK", "/tmp")) / "sft_args", has_eval=False)
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = cls([{"params": params, "weight_decay": args.weight_decay}], **kwargs)
-    warm = args.get_warmup_steps(steps) if hasattr(args, "get_warmup_steps") else math.ceil(steps * args.warmup_steps)
-    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=warm, num_training_steps=steps)
-    return opt, sched, args, f"{cls.__module__}.{cls.__name__}"
+    tr, hw = cfg.train, cfg.hardware
+    try:
+        args = sft_config(cfg, Path(os.environ.get("SIGIL_BENCH_WORK", "/tmp")) / "sft_args", has_eval=False)
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)  # what Trainer.create_optimizer uses
+        warm = args.get_warmup_steps(steps)
+        name, wd, sched_name = f"{cls.__module__}.{cls.__name__}", args.weight_decay, args.lr_scheduler_type
+    except Exception as e:  # a transformers/trl version that rejects the project's SFTConfig: build it by hand
+        import bitsandbytes as bnb
+
+        if hw.optimizer in ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"):
+            cls = bnb.optim.AdamW
+            kwargs = {"lr": tr.lr, "betas": (0.9, 0.999), "eps": 1e-8, "optim_bits": 32 if "32bit" in hw.optimizer else 8,
+                      "is_paged": hw.optimizer.startswith("paged")}
+        else:
+            cls, kwargs = torch_adamw(), {"lr": tr.lr, "betas": (0.9, 0.999), "eps": 1e-8}
+        warm, wd, sched_name = math.ceil(steps * tr.warmup_ratio), tr.weight_decay, tr.scheduler
+        name = f"{cls.__module__}.{cls.__name__} (by hand: sft_config failed: {type(e).__name__}: {e})"
+    opt = cls([{"params": params, "weight_decay": wd}], **kwargs)
+    sched = get_scheduler(sched_name, opt, num_warmup_steps=warm, num_training_steps=steps)
+    return opt, sched, None, name
+
+
+def torch_adamw():
+    import torch
+
+    return torch.optim.AdamW
 
 
 def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
@@ -263,6 +288,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     validate(cfg)
     device = torch.device("cuda" if hw.device == "cuda" else "cpu")
     out: dict[str, Any] = {"name": spec["name"], "recipe": spec["recipe"], "hardware": asdict(hw),
+                           "ablation": bool(spec.get("ablation")), "overrides": spec.get("overrides"),
                            "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                                     "targets": list(cfg.lora.target_modules)}}
     shape_obj = ModelShape.from_model_dir(spec["model_dir"])
@@ -311,6 +337,8 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         model.enable_input_require_grads()
     model.train()
     out["load_s"] = round(time.perf_counter() - t0, 1)
+    if device.type == "cuda":
+        out["allocated_after_load_gb"] = round(torch.cuda.memory_allocated() / 1e9, 3)
     out["quantized_linears"] = modeling.quantized_linear_count(model)
     lora = _lora_state(model)
     out["lora_params"] = sum(p.numel() for p in lora.values())
@@ -333,11 +361,15 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hw.precision == "bf16")
     params = list(lora.values())
 
-    def step(batch, opt, sched, events=None):
+    def step(batch, opt, sched, events=None, probe=None):
+        if probe is not None:
+            probe["before"] = torch.cuda.memory_allocated()
         if events:
             events[0].record()
         with autocast:
             loss = model(**batch).loss
+        if probe is not None:
+            probe["after_forward"] = torch.cuda.memory_allocated()
         if events:
             events[1].record()
         loss.backward()
@@ -368,10 +400,17 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
             for i, b in enumerate(batches):
                 b = _to_device(b, device)
                 ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if device.type == "cuda" else None
+                probe = {} if (i == spec["warmup"] and device.type == "cuda") else None
                 w0 = time.perf_counter()
-                step(b, opt, sched, ev)
+                step(b, opt, sched, ev, probe)
                 if device.type == "cuda":
                     ev[3].synchronize()
+                if probe:
+                    kept = probe["after_forward"] - probe["before"]
+                    out["memory_probe"] = {
+                        "allocated_before_step_gb": round(probe["before"] / 1e9, 3),
+                        "kept_after_forward_gb": round(kept / 1e9, 3),
+                        "kept_per_token_layer_kb": round(kept / (mb * seq) / shape_obj.layers / 1e3, 1)}
                 w = time.perf_counter() - w0
                 if i >= spec["warmup"]:
                     times.append(w)
@@ -419,7 +458,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         out["loss"] = {"losses": [round(x, 5) for x in losses], "tokens_per_s": round(lb * lseq / med, 1),
                        "batch": lb, "seq": lseq, "lr": cfg.train.lr, "scheduler": cfg.train.scheduler}
         final = {n: p.detach().float().cpu() for n, p in lora.items()}
-        torch.save(final, work / f"adapter_{spec['name']}.pt")
+        torch.save(final, work / f"adapter_{_fname(spec['name'])}.pt")
         del opt, sched
     out["status"] = "ok"
     out["row_s"] = round(time.perf_counter() - t_row, 1)
@@ -475,19 +514,35 @@ def _row_specs(args, work: Path, model_dir: Path) -> list[dict[str, Any]]:
                           loss_steps=args.loss_steps, profile=args.profile and p in SPEED_PRESETS))
     if args.profile:
         specs[0]["profile"] = True
+    if args.ablate:  # each lever of the ablation preset reverted alone, speed only, at one fixed micro-batch
+        levers = [("upcast_non_lora", True), ("liger_kernel", False), ("lora_fused", False),
+                  ("gradient_checkpointing", True), ("attn_implementation", "sdpa"), ("lora.dropout", 0.0)]
+        p, mb = args.ablate, args.ablate_batch
+        specs.append(dict(base, name=f"{p}_{mb}x{args.seq}:as-is", recipe=p, micro_batch=mb, seq=args.seq,
+                          loss_steps=0, speed_steps=max(2, args.steps - 2), warmup=1, ablation=True))
+        for k, v in levers:
+            if args.tiny and k == "liger_kernel":
+                continue
+            specs.append(dict(base, name=f"{p}_{mb}x{args.seq}:{k}={v}", recipe=p, micro_batch=mb, seq=args.seq,
+                              loss_steps=0, speed_steps=max(2, args.steps - 2), warmup=1, overrides={k: v},
+                              ablation=True))
     return specs
 
 
+def _fname(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
 def _run_child(spec: dict[str, Any], work: Path, timeout: int) -> dict[str, Any]:
-    spec_file = work / f"spec_{spec['name']}.json"
+    spec_file = work / f"spec_{_fname(spec['name'])}.json"
     spec_file.write_text(json.dumps(spec))
-    res_file = work / f"row_{spec['name']}.json"
+    res_file = work / f"row_{_fname(spec['name'])}.json"
     res_file.unlink(missing_ok=True)
     env = {**os.environ, "SIGIL_BENCH_WORK": str(work), "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "sigil_exp.bench", "--row", str(spec_file)], env=env, cwd=str(ROOT),
                        capture_output=True, text=True, timeout=timeout)
-    (work / f"log_{spec['name']}.txt").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    (work / f"log_{_fname(spec['name'])}.txt").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
     if res_file.is_file():
         row = json.loads(res_file.read_text())
     else:
@@ -503,7 +558,7 @@ def _adapter_similarity(work: Path, ref: str, other: str) -> dict[str, float] | 
     <B1 A1, B2 A2>_F = trace((B1^T B2)(A2 A1^T)). Also the raw A/B updates from the shared init."""
     import torch
 
-    fr, fo, fi = work / f"adapter_{ref}.pt", work / f"adapter_{other}.pt", work / "adapter_init.pt"
+    fr, fo, fi = work / f"adapter_{_fname(ref)}.pt", work / f"adapter_{_fname(other)}.pt", work / "adapter_init.pt"
     if not (fr.is_file() and fo.is_file() and fi.is_file()):
         return None
     r, o, i = torch.load(fr), torch.load(fo), torch.load(fi)
@@ -573,13 +628,15 @@ def summarise(rows: list[dict[str, Any]], args, shape: dict[str, int], work: Pat
             if sim:
                 r["loss_agreement"]["adapter"] = sim
     targets: dict[str, Any] = {}
-    speed_rows = [r for r in rows if r["recipe"] in SPEED_PRESETS and r.get("status") == "ok" and "speed" in r]
+    speed_rows = [r for r in rows if r["recipe"] in SPEED_PRESETS and r.get("status") == "ok" and "speed" in r
+                  and not r.get("ablation")]
     if speed_rows and ref_speed:
         best = max(speed_rows, key=tps)
         targets["speed"] = {"row": best["name"], "tokens_per_s": tps(best), "ratio": best.get("ratio_vs_naive_best"),
                             "mfu": best.get("mfu"), "met": bool(best.get("ratio_vs_naive_best", 0) >= 4
                                                                 and (best.get("mfu") or 0) >= 0.5)}
-    mem = next((r for r in rows if r["recipe"] == MEMORY_PRESET and r.get("status") == "ok" and "speed" in r), None)
+    mem = next((r for r in rows if r["recipe"] == MEMORY_PRESET and r.get("status") == "ok" and "speed" in r
+                and not r.get("ablation")), None)
     if mem and tps(naive_1):
         targets["memory"] = {"row": mem["name"], "peak_allocated_gb": mem.get("peak_allocated_gb"),
                              "tokens_per_s": tps(mem), "ratio_vs_naive_mb1": mem.get("ratio_vs_naive_mb1"),
@@ -593,7 +650,7 @@ def summarise(rows: list[dict[str, Any]], args, shape: dict[str, int], work: Pat
 
 def print_table(report: dict[str, Any]) -> None:
     rows = report["rows"]
-    head = (f"{'row':<24}{'status':<9}{'mbxseq':>10}{'tok/s':>9}{'xnaive':>8}{'step s':>8}{'alloc GB':>9}"
+    head = (f"{'row':<44}{'status':<9}{'mbxseq':>10}{'tok/s':>9}{'xnaive':>8}{'step s':>8}{'alloc GB':>9}"
             f"{'resv GB':>9}{'est GB':>8}{'est/meas':>9}{'MFU':>7}{'HFU':>7}{'loss Δmax':>10}{'tok/s@loss':>11}")
     print("\n" + head)
     print("-" * len(head))
@@ -605,7 +662,7 @@ def print_table(report: dict[str, Any]) -> None:
         def f(v, fmt):
             return format(v, fmt) if isinstance(v, int | float) else "-"
 
-        print(f"{r['name']:<24}{r.get('status', '?')[:8]:<9}{mbs:>10}{f(sp.get('tokens_per_s'), ',.0f'):>9}"
+        print(f"{r['name'][:43]:<44}{r.get('status', '?')[:8]:<9}{mbs:>10}{f(sp.get('tokens_per_s'), ',.0f'):>9}"
               f"{f(r.get('ratio_vs_naive_best'), '.2f'):>8}{f(sp.get('step_s'), '.3f'):>8}"
               f"{f(r.get('peak_allocated_gb'), '.1f'):>9}{f(r.get('peak_reserved_gb'), '.1f'):>9}"
               f"{f(r.get('estimate', {}).get('total_gb'), '.1f'):>8}{f(r.get('estimate_vs_measured'), '.2f'):>9}"
@@ -633,6 +690,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--loss-steps", type=int, default=None, help="loss-agreement steps (default 30)")
     ap.add_argument("--loss-batch", type=int, default=1, help="sequences per loss-agreement step")
     ap.add_argument("--profile", action="store_true", help="profile one step of naive and the speed presets")
+    ap.add_argument("--ablate", default=None, help="also run this preset with each lever reverted alone (speed only)")
+    ap.add_argument("--ablate-batch", type=int, default=4, help="micro-batch of the ablation rows")
     ap.add_argument("--in-process", action="store_true", help="run rows in this process (default for --tiny)")
     ap.add_argument("--work-dir", default=None, help="model, tokens and per-row files (default /tmp/sigil_bench[_tiny])")
     ap.add_argument("--out", default=None, help="JSON report path (default <work-dir>/bench.json)")
@@ -651,7 +710,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         except Exception as e:  # the parent records it; the traceback goes to the row log
             traceback.print_exc()
             row = {"name": spec["name"], "recipe": spec["recipe"], "status": "failed", "error": f"{type(e).__name__}: {e}"}
-        Path(spec["work_dir"], f"row_{spec['name']}.json").write_text(json.dumps(row, default=str))
+        Path(spec["work_dir"], f"row_{_fname(spec['name'])}.json").write_text(json.dumps(row, default=str))
         return None
 
     tiny = args.tiny

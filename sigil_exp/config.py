@@ -117,7 +117,7 @@ class DataConfig:
     name: str = MISSING
     sources: list[SourceConfig] = field(default_factory=list)
     format: str = "completion"  # completion (loss on gen) | text (loss on all) | chat (assistant turns)
-    mix: str = "weighted"  # weighted (shuffled together) | sequential (source blocks in order) | round_robin
+    mix: str = "weighted"  # weighted (shuffled) | sequential (source blocks) | round_robin; the trainer still samples at random
     task_weights: dict[str, float] = field(default_factory=dict)  # by _task_type, e.g. {error_fixing: 2.0}
     filters: FilterConfig = field(default_factory=FilterConfig)
     val_fraction: float = 0.1  # by content hash: stable when sources are added

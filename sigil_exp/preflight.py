@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +102,17 @@ LLAMA_3_8B = ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv
 class MemoryEstimate:
     weights: float  # bytes
     lora: float
-    activations: float
-    logits: float
+    activations: float  # kept from forward to backward (all layers, or each layer's input with checkpointing)
+    logits: float  # the loss head at the end of forward
+    layer_backward: float  # one layer's backward (plus its recomputed forward with checkpointing)
     transient: float
     tokens: int
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora + self.activations + self.logits + self.transient
+        # the loss head is freed before the first layer's backward starts: the two peaks do not add up
+        return self.weights + self.lora + self.activations + max(self.logits, self.layer_backward) + self.transient
 
     @property
     def total_gb(self) -> float:
@@ -118,13 +120,14 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         return (f"{self.total_gb:.1f} GB (weights {self.weights / GB:.1f}, LoRA+optimizer {self.lora / GB:.2f}, "
-                f"activations {self.activations / GB:.1f}, logits/CE {self.logits / GB:.1f}, "
-                f"transient {self.transient / GB:.1f})")
+                f"activations {self.activations / GB:.1f}, then the larger of logits/CE {self.logits / GB:.1f} "
+                f"and a layer's backward {self.layer_backward / GB:.1f}, transient {self.transient / GB:.1f})")
 
     def as_dict(self) -> dict[str, Any]:
         return {"total_gb": round(self.total_gb, 3), "weights_gb": round(self.weights / GB, 3),
                 "lora_gb": round(self.lora / GB, 3), "activations_gb": round(self.activations / GB, 3),
-                "logits_gb": round(self.logits / GB, 3), "transient_gb": round(self.transient / GB, 3),
+                "logits_gb": round(self.logits / GB, 3), "layer_backward_gb": round(self.layer_backward / GB, 3),
+                "transient_gb": round(self.transient / GB, 3),
                 "tokens": self.tokens, **self.detail}
 
 
@@ -214,7 +217,7 @@ def estimate_memory(shape: ModelShape, q: QuantConfig, lora: LoraConfig, hw: Har
         ce = tokens * (2 * d + 2 * 4 * V / chunks)  # hidden-state grad + one chunk of fp32 logits and grads
     else:
         ce = tokens * 14 * V  # bf16 logits, fp32 copy, log-probs, their grad
-    activations = kept + layer_peak
+    activations = kept
     logits = ce
     # transients: one dequantised weight (forward) + one (backward); the bf16 cast of an fp32 lm_head
     big = max(i * o for i, o in shape.linears().values())
@@ -228,7 +231,7 @@ def estimate_memory(shape: ModelShape, q: QuantConfig, lora: LoraConfig, hw: Har
     detail = {"per_token_layer_kb": round(per_layer / 1e3, 1), "lora_params": n_lora, "micro_batch": micro_batch,
               "seq_len": seq_len, "checkpointing": hw.gradient_checkpointing}
     return MemoryEstimate(weights=weights, lora=lora_bytes, activations=activations, logits=logits,
-                          transient=transient, tokens=tokens, detail=detail)
+                          layer_backward=layer_peak, transient=transient, tokens=tokens, detail=detail)
 
 
 # ------------------------------------------------------------------------------------ the check
@@ -332,7 +335,3 @@ def preflight(cfg: RunConfig, model_path: str | Path) -> MemoryEstimate:
     log.info("Preflight: estimated peak GPU memory %s at micro-batch %d x %d tokens%s", est.describe(), mb,
              cfg.model.max_seq_len, where)
     return est
-
-
-def summary(est: MemoryEstimate) -> dict[str, Any]:
-    return asdict(est) | {"total_gb": est.total_gb}

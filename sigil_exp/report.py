@@ -434,14 +434,14 @@ def write_report(sweep_dir: str | Path, *, objective: str | None = None, directi
 class SweepReportCallback(Callback):
     """Hydra callback: writes the report when a sweep ends (after every job, failed ones included).
 
-    Also saves `multirun.yaml` at the start when the sweeper does not (optuna), so jobs can tag the
-    keys the sweep varies. A report that cannot be written is logged; it never fails the sweep."""
+    Also saves `multirun.yaml` at the start, as Hydra's basic sweeper does and the optuna sweeper
+    does not, so jobs can tag the keys the sweep varies. A report that cannot be written is logged;
+    it never fails the sweep."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)  # optuna's sqlite storage lives here
-        if not (sweep_dir / "multirun.yaml").exists():
-            OmegaConf.save(config, sweep_dir / "multirun.yaml")
+        OmegaConf.save(config, sweep_dir / "multirun.yaml")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not OmegaConf.select(config, "sweep.report", default=True):

@@ -272,3 +272,39 @@ def test_tiny_model_evaluation_end_to_end(tmp_path, tiny_model, problems):
     assert saved["metrics"] == metrics and saved["sandbox"]
     again = execute_completions(read_completions(ev / "completions.jsonl"), cfg.eval, tmp_path / "again")
     assert again["eval/compile_rate"] == metrics["eval/compile_rate"]
+
+
+@needs_rustc
+def test_cli_on_an_adapter_folder_and_saved_completions(tmp_path, tiny_model, capsys):
+    """`python -m sigil_exp.evaluate <run>/adapter` (config from ../resolved_config.yaml), then
+    `--completions` re-executes without the model; a folder without a run is one clear error."""
+    from omegaconf import OmegaConf
+    from peft import LoraConfig, get_peft_model
+
+    from sigil_exp.evaluate.__main__ import main
+    from tests.conftest import compose_cfg
+
+    model, tok = tiny_model
+    run = tmp_path / "run"
+    model.save_pretrained(run / "base")
+    tok.save_pretrained(run / "base")
+    adapter = get_peft_model(LlamaFromDir(run / "base"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                     task_type="CAUSAL_LM"))
+    adapter.save_pretrained(run / "adapter")
+    tok.save_pretrained(run / "adapter")
+    cfg = compose_cfg("experiment=smoke", f"model.name_or_path={run / 'base'}", "model.build_tiny=null", "quant=none",
+                      "eval.max_new_tokens=12")
+    OmegaConf.save(cfg, run / "resolved_config.yaml", resolve=True)
+
+    assert main([str(run / "adapter"), "--limit", "2", "--n-samples", "2", "--temperature", "0.9"]) == 0
+    assert len((run / "eval" / "results.jsonl").read_text().splitlines()) == 4
+    assert main(["--completions", str(run / "eval" / "completions.jsonl"), "--out", str(tmp_path / "re")]) == 0
+    assert (tmp_path / "re" / "metrics.json").is_file()
+    assert main([str(tmp_path / "re")]) == 2
+    assert "holds neither adapter_config.json" in capsys.readouterr().err
+
+
+def LlamaFromDir(path):  # noqa: N802 - reads like the class it loads
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path)

@@ -68,14 +68,17 @@ def _init_worker(state: dict[str, Any]) -> None:
     _WORKER.update(state)
 
 
-def _filter_item(item: RustFile | Record | Drop) -> tuple[Record | Drop, int]:
+def _filter_item(item: RustFile | Record | Drop) -> tuple[Record | Drop, int, int]:
+    """(kept Record or Drop, test items stripped, source bytes read)."""
     if isinstance(item, Drop):
-        return item, 0
+        return item, 0, 0
     if isinstance(item, RustFile):
-        item = read_rust_file(item, _WORKER["filters"])
+        item, n_bytes = read_rust_file(item, _WORKER["filters"])
         if isinstance(item, Drop):
-            return item, 0
-    return filter_record(item, _WORKER["filters"], _WORKER["ngram"])
+            return item, 0, n_bytes
+    n_bytes = item.n_bytes
+    result, stripped = filter_record(item, _WORKER["filters"], _WORKER["ngram"])
+    return result, stripped, n_bytes
 
 
 def _encode_batch(recs: list[Record]) -> list[tuple[list[tuple[np.ndarray, np.ndarray]], str]]:
@@ -93,15 +96,16 @@ def _pool(num_proc: int, state: dict[str, Any]):
     """A fork pool of num_proc workers sharing `state` (no pickling of the tokenizer), or an
     in-process stand-in when num_proc == 1. Yields a `map(fn, iterable)` that keeps order."""
     _init_worker(state)
-    if num_proc <= 1:
-        yield lambda fn, it, chunksize=1: map(fn, it)
-        return
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism; no fork warning
     try:
+        if num_proc <= 1:
+            yield lambda fn, it, chunksize=1: map(fn, it)
+            return
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism; no fork warning
         with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(state,)) as pool:
             yield lambda fn, it, chunksize=16: pool.imap(fn, it, chunksize=chunksize)
     finally:
+        _WORKER.clear()
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
@@ -140,10 +144,10 @@ def _collect_source(index: int, src: SourceConfig, cfg: DataConfig, pmap, state:
         block = list(islice(items, _BLOCK))
         if not block:
             break
-        for result, stripped in pmap(_filter_item, block):
+        for result, stripped, size in pmap(_filter_item, block):
             seen += 1
+            n_bytes += size
             if isinstance(result, Record):
-                n_bytes += result.n_bytes
                 reason = dedup.check(state, result.key, result.signature)
                 result.signature = None  # not needed downstream; keeps worker traffic small
                 if reason is None:
@@ -169,10 +173,13 @@ def _collect_source(index: int, src: SourceConfig, cfg: DataConfig, pmap, state:
     return kept, report
 
 
-def _check_config(cfg: DataConfig, max_seq_len: int) -> None:
+def _check_config(cfg: DataConfig, tokenizer: Any, max_seq_len: int) -> None:
     for i, s in enumerate(cfg.sources):
         if s.kind not in KINDS:
             raise SigilError(f"data.sources.{i}.kind={s.kind!r} is not one of {', '.join(KINDS)}; fix the kind.")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise SigilError("The model's tokenizer has no eos_token, so examples could not be ended; use the "
+                         "model's own tokenizer (model.name_or_path) or give it an eos_token.")
     if max_seq_len < 8:
         raise SigilError(f"model.max_seq_len={max_seq_len} is too small to hold a prompt and a completion; use >= 256.")
 
@@ -191,10 +198,12 @@ def _to_dataset(rows: list[tuple[np.ndarray, np.ndarray]]):
     from datasets.table import InMemoryTable
 
     chunks_ids, chunks_mask = [], []
-    for start in range(0, max(len(rows), 1), 50_000):
-        part = rows[start:start + 50_000]
-        lengths = np.fromiter((len(r[0]) for r in part), dtype=np.int64, count=len(part))
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+    # Arrow list offsets are int32: cut a new chunk before a chunk reaches 2^30 tokens
+    bounds = [0, *np.nonzero(np.diff(np.cumsum(lengths) // (1 << 30)))[0] + 1, len(rows)] if rows else [0, 0]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        part = rows[start:stop]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths[start:stop])]).astype(np.int32))
         ids = np.concatenate([r[0] for r in part]) if part else np.zeros(0, np.int32)
         mask = np.concatenate([r[1] for r in part]) if part else np.zeros(0, np.int8)
         chunks_ids.append(pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())))
@@ -253,7 +262,7 @@ def build_datasets(
     Raises SigilError (one sentence) for bad input: a malformed line (file:line), a source that
     yields nothing after filters (with the per-filter counts), an unknown task_weights key."""
     t0 = time.perf_counter()
-    _check_config(cfg, max_seq_len)
+    _check_config(cfg, tokenizer, max_seq_len)
     tok_id = cache.tokenizer_identity(tokenizer)
     key = cache.cache_key(cfg, tok_id, max_seq_len, seed, [fingerprint(s) for s in cfg.sources])
     entry = cache.entry_dir(cache_dir, key)
@@ -352,10 +361,15 @@ def build_datasets(
              totals["train_examples"], totals["eval_examples"], totals["train_tokens"], mb, elapsed)
     if cfg.cache:
         t_save = time.perf_counter()
-        cache.save_atomic(entry, train, ev, report)
-        hit = cache.load(entry)  # memory-mapped from the cache from now on
-        if hit is not None:
-            train, ev, _ = hit
+        try:
+            cache.save_atomic(entry, train, ev, report)
+        except OSError as e:  # a full or read-only disk must not cost the run its data
+            log.warning("data: could not write the cache entry %s (%s); continuing without it "
+                        "(set cache_dir to a writable folder, or data.cache=false)", entry, e)
+        else:
+            hit = cache.load(entry)  # memory-mapped from the cache from now on
+            if hit is not None:
+                train, ev, _ = hit
         report["stats"]["cache_write_s"] = round(time.perf_counter() - t_save, 2)
     _write_run_stats(run_dir, report)
     return DataBundle(train=train, eval=ev, stats=report["stats"])

@@ -43,7 +43,8 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
 
 def cache_key(cfg: DataConfig, tokenizer_id: dict[str, Any], max_seq_len: int, seed: int,
               fingerprints: list[str]) -> str:
-    blob = json.dumps({"data": config_dict(cfg), "tokenizer": tokenizer_id, "max_seq_len": max_seq_len,
+    data = {k: v for k, v in config_dict(cfg).items() if k not in ("num_proc", "cache")}  # no effect on output
+    blob = json.dumps({"data": data, "tokenizer": tokenizer_id, "max_seq_len": max_seq_len,
                        "seed": seed, "sources": fingerprints, "version": PIPELINE_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -109,7 +109,7 @@ def _length_reason(code: str, f: FilterConfig) -> str | None:
 
 
 def _quality_reason(code: str, view: str, f: FilterConfig) -> str | None:
-    if f.prefer_documented and rust.doc_comment_count(code) == 0:
+    if f.prefer_documented and not rust.has_doc_comment(code):
         return "undocumented"
     if f.prefer_idiomatic and rust.idiomatic_ratio(code, view) < f.min_idiomatic_ratio:
         return "not_idiomatic"
@@ -131,7 +131,7 @@ def filter_record(rec: Record, f: FilterConfig, minhash_ngram: int | None) -> tu
             return Drop("binary", rec.origin), 0
         if rust.looks_generated(text):
             return Drop("generated", rec.origin), 0
-        view = rust.code_view(text)
+        view = rust.code_view(text) if f.tests != "keep" or f.prefer_idiomatic else ""
         if f.tests != "keep":
             if rust.is_test_only(text, view):
                 return Drop("tests", rec.origin), 0
@@ -139,7 +139,7 @@ def filter_record(rec: Record, f: FilterConfig, minhash_ngram: int | None) -> tu
                 if f.tests == "drop":
                     return Drop("tests", rec.origin), 0
                 text, stripped = rust.strip_test_items(text, view)
-                view = rust.code_view(text)
+                view = rust.code_view(text) if f.prefer_idiomatic else ""
         reason = _length_reason(text, f)
         if reason is None and f.max_line_chars and max(map(len, text.split("\n"))) > f.max_line_chars:
             reason = "long_lines"
@@ -151,7 +151,7 @@ def filter_record(rec: Record, f: FilterConfig, minhash_ngram: int | None) -> tu
         code = code_of(rec)
         reason = _length_reason(code, f)
         if reason is None and f.quality_on_pairs and rec.task_type != "explanations":
-            reason = _quality_reason(code, rust.code_view(code), f)
+            reason = _quality_reason(code, rust.code_view(code) if f.prefer_idiomatic else "", f)
         if reason:
             return Drop(reason, rec.origin), 0
     rec.key = content_key(rec)
@@ -161,21 +161,21 @@ def filter_record(rec: Record, f: FilterConfig, minhash_ngram: int | None) -> tu
     return rec, stripped
 
 
-def read_rust_file(item: RustFile, f: FilterConfig) -> Record | Drop:
-    """Read one .rs file found by the rust_dir walk (path filters already applied to its
-    walk-relative path; filter_record checks the crate-relative one)."""
+def read_rust_file(item: RustFile, f: FilterConfig) -> tuple[Record | Drop, int]:
+    """Read one .rs file found by the rust_dir walk: (Record or Drop, bytes read). Path filters
+    were applied to its walk-relative path; filter_record checks the crate-relative one."""
     try:
         with open(item.abspath, "rb") as fh:
             head = fh.read(f.max_chars * 4 + 1)  # a UTF-8 char is at most 4 bytes
     except OSError:
-        return Drop("unreadable", item.origin)
+        return Drop("unreadable", item.origin), 0
     if len(head) > f.max_chars * 4:
-        return Drop("too_long", item.origin)
+        return Drop("too_long", item.origin), len(head)
     if b"\x00" in head[:8192]:
-        return Drop("binary", item.origin)
+        return Drop("binary", item.origin), len(head)
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
-        return Drop("non_utf8", item.origin)
+        return Drop("non_utf8", item.origin), len(head)
     return Record(kind="text", text=text, source=item.source, origin=item.origin, path=item.path,
-                  crate=item.crate, meta={"crate": item.crate, "path": item.path}, n_bytes=len(head))
+                  crate=item.crate, meta={"crate": item.crate, "path": item.path}, n_bytes=len(head)), len(head)

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from sigil_exp.evaluate.execute import ExecConfig, Result, Sample, execute, find_toolchain
+from sigil_exp.evaluate.execute import ExecConfig, Result, Sample, Toolchain, execute, find_toolchain
 from sigil_exp.evaluate.problems import Problem, load_problems
 from sigil_exp.evaluate.sandbox import detect_sandbox
 
@@ -41,6 +47,31 @@ def bench_samples(problems: list[Problem], per_problem: int = 4) -> list[Sample]
     return out
 
 
+def plain_naive(samples: list[Sample], tc: Toolchain, workers: int, timeout_s: float) -> list[str]:
+    """Reference only: the loop without any sandbox (never use it on model output)."""
+    def one(s: Sample) -> str:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "main.rs").write_text(s.source())
+            try:
+                c = subprocess.run([tc.rustc, "--edition", "2021", "--test", "main.rs", "-o", "main", "-C", "opt-level=0",
+                                    "-C", "debuginfo=0"], cwd=d, capture_output=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                return "timeout"
+            if c.returncode != 0:
+                return "compile_error"
+            p = subprocess.Popen([str(Path(d) / "main"), "--test-threads=1"], cwd=d, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                return "pass" if p.wait(timeout=timeout_s) == 0 else "test_failure"
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                return "timeout"
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, samples))
+
+
 def _timed(samples: list[Sample], cfg: ExecConfig, sb, tc) -> tuple[list[Result], float]:
     t0 = time.perf_counter()
     results = execute(samples, cfg, sb, tc)
@@ -55,13 +86,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32, help="samples per crate on the fast path")
     ap.add_argument("--sandbox", default="auto")
+    ap.add_argument("--timeout-s", type=float, default=10.0, help="per test run (eval.timeout_s)")
+    ap.add_argument("--plain", action="store_true", help="also time the naive loop without any sandbox (reference)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
 
     samples = bench_samples(load_problems(args.problems, args.limit), args.per_problem)
     sb, tc = detect_sandbox(args.sandbox), find_toolchain()
-    naive, t_naive = _timed(samples, ExecConfig(workers=args.workers, batch_size=1), sb, tc)
-    fast, t_fast = _timed(samples, ExecConfig(workers=args.workers, batch_size=args.batch_size), sb, tc)
+    naive, t_naive = _timed(samples, ExecConfig(workers=args.workers, batch_size=1, timeout_s=args.timeout_s), sb, tc)
+    fast, t_fast = _timed(samples, ExecConfig(workers=args.workers, batch_size=args.batch_size,
+                                              timeout_s=args.timeout_s), sb, tc)
     same = [(a.verdict, a.error_codes) == (b.verdict, b.error_codes) for a, b in zip(naive, fast, strict=True)]
     summary = {
         "samples": len(samples), "workers": args.workers, "sandbox": sb.describe(),
@@ -70,16 +104,27 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": round(t_naive / t_fast, 2),
         "verdict_agreement": f"{sum(same)}/{len(samples)}",
         "verdicts": dict(Counter(r.verdict for r in fast)),
-        "fast_paths": dict(Counter(r.path for r in fast)),
+        "fast_paths": dict(Counter(r.path for r in fast)), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "timeout_s": args.timeout_s,
     }
+    if args.plain:
+        t0 = time.perf_counter()
+        plain = plain_naive(samples, tc, args.workers, args.timeout_s)
+        t_plain = time.perf_counter() - t0
+        summary["plain_naive_samples_per_min"] = round(len(samples) / t_plain * 60, 1)
+        summary["plain_verdict_agreement"] = f"{sum(p == r.verdict for p, r in zip(plain, fast, strict=True))}/{len(samples)}"
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{len(samples)} samples, {args.workers} workers, sandbox {summary['sandbox']}")
+        print(f"{len(samples)} samples, {args.workers} workers, test timeout {args.timeout_s}s, "
+              f"sandbox {summary['sandbox']}, load average {summary['load_avg_1m']}")
         print(f"  naive (one rustc per sample): {t_naive:6.1f} s  {summary['naive_samples_per_min']:8.1f} samples/min")
         print(f"  fast  (batched crates):       {t_fast:6.1f} s  {summary['fast_samples_per_min']:8.1f} samples/min"
               f"  ({summary['speedup']}x)")
-        print(f"  verdict agreement: {summary['verdict_agreement']}  verdicts {summary['verdicts']}  "
+        if args.plain:
+            print(f"  naive without sandbox (ref):  {t_plain:6.1f} s  {summary['plain_naive_samples_per_min']:8.1f} "
+                  f"samples/min  (verdict agreement with fast: {summary['plain_verdict_agreement']})")
+        print(f"  verdict + error-code agreement naive/fast: {summary['verdict_agreement']}  verdicts {summary['verdicts']}  "
               f"paths {summary['fast_paths']}")
         for a, b, ok in zip(naive, fast, same, strict=True):
             if not ok:

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ from sigil_exp.evaluate.sandbox import Command, Sandbox, compile_limits, run_lim
 VERDICTS = ("pass", "test_failure", "compile_error", "timeout")
 MODULE = "sigil_s{:05d}"
 EXCERPT = 2000  # characters of compiler/test output kept per sample
-RUN_CHUNK = 16  # fast path: test runs per sandbox session
+RUN_CHUNK = 8  # fast path: test runs per sandbox session
 # Text that behaves differently inside a module than at a crate root, or clashes across modules.
 _NOT_BATCHABLE = ("sigil_s", "#![", "super::", "pub(super)", "pub(in", "line!", "file!", "column!",
                   "module_path!", "type_name", "Location::caller", "no_mangle", "export_name", "link_section",
@@ -379,23 +379,26 @@ def execute(samples: list[Sample], cfg: ExecConfig, sandbox: Sandbox, toolchain:
             size = math.ceil(len(batch) / n_crates)
             jobs = [batch[k:k + size] for k in range(0, len(batch), size)] + jobs
         results: list[Result | None] = [None] * len(samples)
-        runnables: list[_Runnable] = []
+        # naive: one sandbox per run; fast: sessions of up to RUN_CHUNK runs (each its own process),
+        # queued as soon as their crate is built so runs overlap the remaining compiles
+        chunk = 1 if cfg.batch_size <= 1 else RUN_CHUNK
+        t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
             def build(job: list[tuple[int, Sample]]) -> list[_Built]:
                 return _batch_build(ctx, job) if len(job) > 1 else _naive_builds(ctx, job)
 
-            t0 = time.perf_counter()
-            for built in pool.map(build, jobs):
-                for idx, res, run in built:
+            run_futures = []
+            for fut in as_completed([pool.submit(build, job) for job in jobs]):
+                runs = []
+                for idx, res, run in fut.result():
                     results[idx] = res
                     if run is not None:
-                        runnables.append(run)
-            if progress:
-                progress(f"compiled {len(samples)} samples in {time.perf_counter() - t0:.1f}s")
-            # naive: one sandbox per run; fast: a session of up to RUN_CHUNK runs (each its own process)
-            chunk = 1 if cfg.batch_size <= 1 else max(1, min(RUN_CHUNK, math.ceil(len(runnables) / (2 * cfg.workers))))
-            list(pool.map(lambda rs: _run_many(ctx, rs),
-                          [runnables[k:k + chunk] for k in range(0, len(runnables), chunk)]))
+                        runs.append(run)
+                run_futures += [pool.submit(_run_many, ctx, runs[k:k + chunk]) for k in range(0, len(runs), chunk)]
+            for fut in run_futures:
+                fut.result()
+        if progress:
+            progress(f"executed {len(samples)} samples in {time.perf_counter() - t0:.1f}s")
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
     finally:
