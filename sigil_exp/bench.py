@@ -117,8 +117,9 @@ def row_config(spec: dict[str, Any]):
 
 
 # ------------------------------------------------------------------------ model, data, FLOPs
-def build_random_model(shape: dict[str, int], out_dir: Path) -> Path:
-    """A Llama of `shape` with random bf16 weights, saved like a checkpoint (no download)."""
+def build_random_model(shape: dict[str, int], out_dir: Path, device: str = "cpu") -> Path:
+    """A Llama of `shape` with random bf16 weights, saved like a checkpoint (no download).
+    On "cuda" the 8B init takes seconds instead of minutes on the CPU."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -134,7 +135,8 @@ def build_random_model(shape: dict[str, int], out_dir: Path) -> Path:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = LlamaForCausalLM(config)
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(old)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -329,8 +331,10 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     model = modeling.prepare_for_training(model, cfg.quant, hw)
     torch.manual_seed(cfg.train.seed)
     model = modeling.attach_lora(model, cfg.lora)
+    amp = spec.get("autocast", True)
+    out["autocast"] = amp
     for _, p in model.named_parameters():  # trl: LoRA weights in bf16 for quantised bases
-        if p.requires_grad and getattr(model, "is_loaded_in_4bit", False):
+        if amp and p.requires_grad and getattr(model, "is_loaded_in_4bit", False):
             p.data = p.data.to(torch.bfloat16)
     if hw.gradient_checkpointing:  # what Trainer + trl do for a PEFT model
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": hw.checkpointing_reentrant})
@@ -358,7 +362,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
 
     collator = DataCollatorForLanguageModeling(pad_token_id=2, padding_free=hw.packing)
     out["batch_layout"] = "padding-free [1, B*S] + position_ids/cu_seq_lens" if hw.packing else "[B, S] + attention_mask"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hw.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and hw.precision == "bf16")
     params = list(lora.values())
 
     def step(batch, opt, sched, events=None, probe=None):
@@ -497,35 +501,36 @@ def _profile_step(step, batch, device, opt, sched) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- the parent
 def _row_specs(args, work: Path, model_dir: Path) -> list[dict[str, Any]]:
+    """Rows in priority order (a run cut short still reports the important ones)."""
     base = {"tiny": args.tiny, "model_dir": str(model_dir), "work_dir": str(work), "warmup": args.warmup,
             "speed_steps": args.steps, "loss_batch": args.loss_batch, "loss_seq": args.seq, "profile": False}
-    specs = [dict(base, name=f"naive_{args.naive_batch}x{args.seq}", recipe="naive", micro_batch=args.naive_batch,
-                  seq=args.seq, loss_steps=0, speed_steps=args.naive_steps, warmup=min(args.warmup, 1)),
-             dict(base, name=f"naive_1x{args.seq}", recipe="naive", micro_batch=1, seq=args.seq,
-                  loss_steps=args.loss_steps)]
-    if args.naive_batch == 1:
-        specs = specs[1:]
-    for p in args.presets:
+    # the naive recipe as measured in docs/gpu-baseline.md: a plain step, fp32 adapters, no autocast
+    naive_best = dict(base, name=f"naive_{args.naive_batch}x{args.seq}", recipe="naive", micro_batch=args.naive_batch,
+                      seq=args.seq, loss_steps=0, speed_steps=args.naive_steps, warmup=min(args.warmup, 1),
+                      autocast=False, profile=args.profile)
+    naive_1 = dict(base, name=f"naive_1x{args.seq}", recipe="naive", micro_batch=1, seq=args.seq,
+                   loss_steps=args.loss_steps, autocast=False)
+    specs = [naive_1] if args.naive_batch == 1 else [naive_best, naive_1]
+    for p in sorted(args.presets, key=lambda p: (p not in SPEED_PRESETS, p != "h200", p)):
         seq = args.long_seq if p == MEMORY_PRESET and args.long_seq else args.seq
         mb = (1 if p == MEMORY_PRESET else args.micro_batch) if args.micro_batch or p == MEMORY_PRESET else None
         if args.tiny and mb is None:
             mb = 2
         specs.append(dict(base, name=f"{p}_{'auto' if mb is None else mb}x{seq}", recipe=p, micro_batch=mb, seq=seq,
                           loss_steps=args.loss_steps, profile=args.profile and p in SPEED_PRESETS))
-    if args.profile:
-        specs[0]["profile"] = True
+    if not args.no_amp_naive:  # the same naive recipe as trl's SFTTrainer(bf16=True) runs it: autocast, bf16 adapters
+        specs.append(dict(naive_best, name=f"naive+amp_{args.naive_batch}x{args.seq}", autocast=True, profile=False))
+        specs.append(dict(naive_1, name=f"naive+amp_1x{args.seq}", autocast=True, loss_steps=0, profile=False))
     if args.ablate:  # each lever of the ablation preset reverted alone, speed only, at one fixed micro-batch
-        levers = [("upcast_non_lora", True), ("liger_kernel", False), ("lora_fused", False),
-                  ("gradient_checkpointing", True), ("attn_implementation", "sdpa"), ("lora.dropout", 0.0)]
+        levers = [("lora_fused", False), ("liger_kernel", False), ("upcast_non_lora", True),
+                  ("attn_implementation", "sdpa"), ("gradient_checkpointing", True), ("lora.dropout", 0.0)]
         p, mb = args.ablate, args.ablate_batch
-        specs.append(dict(base, name=f"{p}_{mb}x{args.seq}:as-is", recipe=p, micro_batch=mb, seq=args.seq,
-                          loss_steps=0, speed_steps=max(2, args.steps - 2), warmup=1, ablation=True))
+        abl = dict(base, recipe=p, micro_batch=mb, seq=args.seq, loss_steps=0, speed_steps=2, warmup=1, ablation=True)
+        if args.ablate_base:
+            specs.append(dict(abl, name=f"{p}_{mb}x{args.seq}:as-is"))
         for k, v in levers:
-            if args.tiny and k == "liger_kernel":
-                continue
-            specs.append(dict(base, name=f"{p}_{mb}x{args.seq}:{k}={v}", recipe=p, micro_batch=mb, seq=args.seq,
-                              loss_steps=0, speed_steps=max(2, args.steps - 2), warmup=1, overrides={k: v},
-                              ablation=True))
+            if not (args.tiny and k == "liger_kernel"):
+                specs.append(dict(abl, name=f"{p}_{mb}x{args.seq}:{k}={v}", overrides={k: v}))
     return specs
 
 
@@ -593,8 +598,14 @@ def _versions() -> dict[str, str]:
 
 
 def summarise(rows: list[dict[str, Any]], args, shape: dict[str, int], work: Path) -> dict[str, Any]:
-    naive_best = next((r for r in rows if r["recipe"] == "naive" and r.get("micro_batch", 0) == args.naive_batch), None)
-    naive_1 = next((r for r in rows if r["recipe"] == "naive" and r.get("micro_batch") == 1), None)
+    naive_best = next((r for r in rows if r["recipe"] == "naive" and r.get("micro_batch", 0) == args.naive_batch
+                       and not r.get("autocast")), None)
+    naive_1 = next((r for r in rows if r["recipe"] == "naive" and r.get("micro_batch") == 1 and not r.get("autocast")),
+                   None)
+    naive_amp = next((r for r in rows if r["recipe"] == "naive" and r.get("autocast")
+                      and r.get("micro_batch", 0) == args.naive_batch), None)
+    naive_amp_1 = next((r for r in rows if r["recipe"] == "naive" and r.get("autocast") and r.get("micro_batch") == 1),
+                       None)
     peaks = [r["peak_tflops_measured"] for r in rows if r.get("peak_tflops_measured")]
     peak = statistics.median(peaks) if peaks else None
 
@@ -616,6 +627,10 @@ def summarise(rows: list[dict[str, Any]], args, shape: dict[str, int], work: Pat
             r["ratio_vs_naive_best"] = round(t / ref_speed, 2)
         if tps(naive_1):
             r["ratio_vs_naive_mb1"] = round(t / tps(naive_1), 2)
+        if tps(naive_amp):
+            r["ratio_vs_naive_amp"] = round(t / tps(naive_amp), 2)
+        if tps(naive_amp_1):
+            r["ratio_vs_naive_amp_mb1"] = round(t / tps(naive_amp_1), 2)
     ref_loss = (naive_1 or {}).get("loss", {}).get("losses")
     for r in rows:
         if ref_loss and r is not naive_1 and r.get("loss"):
@@ -633,13 +648,14 @@ def summarise(rows: list[dict[str, Any]], args, shape: dict[str, int], work: Pat
     if speed_rows and ref_speed:
         best = max(speed_rows, key=tps)
         targets["speed"] = {"row": best["name"], "tokens_per_s": tps(best), "ratio": best.get("ratio_vs_naive_best"),
-                            "mfu": best.get("mfu"), "met": bool(best.get("ratio_vs_naive_best", 0) >= 4
+                            "ratio_vs_naive_amp": best.get("ratio_vs_naive_amp"), "mfu": best.get("mfu"), "met": bool(best.get("ratio_vs_naive_best", 0) >= 4
                                                                 and (best.get("mfu") or 0) >= 0.5)}
     mem = next((r for r in rows if r["recipe"] == MEMORY_PRESET and r.get("status") == "ok" and "speed" in r
                 and not r.get("ablation")), None)
     if mem and tps(naive_1):
         targets["memory"] = {"row": mem["name"], "peak_allocated_gb": mem.get("peak_allocated_gb"),
                              "tokens_per_s": tps(mem), "ratio_vs_naive_mb1": mem.get("ratio_vs_naive_mb1"),
+                             "ratio_vs_naive_amp_mb1": mem.get("ratio_vs_naive_amp_mb1"),
                              "met": bool((mem.get("peak_allocated_gb") or 1e9) < 16
                                          and mem.get("ratio_vs_naive_mb1", 0) >= 2)}
     la = [r["loss_agreement"]["within_1pct"] for r in rows if "loss_agreement" in r]
@@ -692,13 +708,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--profile", action="store_true", help="profile one step of naive and the speed presets")
     ap.add_argument("--ablate", default=None, help="also run this preset with each lever reverted alone (speed only)")
     ap.add_argument("--ablate-batch", type=int, default=4, help="micro-batch of the ablation rows")
+    ap.add_argument("--no-amp-naive", action="store_true", help="skip the naive recipe under bf16 autocast")
+    ap.add_argument("--ablate-base", action="store_true", help="also the ablation preset as-is at --ablate-batch")
     ap.add_argument("--in-process", action="store_true", help="run rows in this process (default for --tiny)")
     ap.add_argument("--work-dir", default=None, help="model, tokens and per-row files (default /tmp/sigil_bench[_tiny])")
     ap.add_argument("--out", default=None, help="JSON report path (default <work-dir>/bench.json)")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--build-model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape-json", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--row-timeout", type=int, default=900, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.build_model:  # child: make the random checkpoint on the GPU, then give the GPU back
+        import torch
+
+        build_random_model(json.loads(args.shape_json), Path(args.build_model),
+                           "cuda" if torch.cuda.is_available() else "cpu")
+        return None
     if args.row:  # child: one row
         import logging
 
@@ -738,14 +764,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         torch.set_num_threads(1)
     t0 = time.perf_counter()
     tag = "_".join(f"{k[0]}{v}" for k, v in shape.items())
-    model_dir = build_random_model(shape, work / f"model_{tag}")
+    model_dir = work / f"model_{tag}"
+    if not (model_dir / "config.json").is_file():
+        if tiny or args.in_process or not torch.cuda.is_available():
+            build_random_model(shape, model_dir)
+        else:
+            subprocess.run([sys.executable, "-m", "sigil_exp.bench", "--build-model", str(model_dir), "--shape-json",
+                            json.dumps(shape)], check=True, cwd=str(ROOT))
     n_tok = args.loss_steps * args.loss_batch * args.seq
     ids, source = real_text_tokens(max(n_tok, 1), shape["vocab"])
     torch.save(torch.tensor(ids, dtype=torch.long), work / "tokens.pt")
     _log(f"real text: {len(ids)} tokens from {source}")
 
     specs = _row_specs(args, work, model_dir)
-    rows = []
+    out = Path(args.out) if args.out else work / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "command": "python -m sigil_exp.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "shape": shape, "seq": args.seq, "tiny": tiny, "versions": _versions(), "real_text": source,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not tiny else "cpu",
+        "step": "faithful SFTTrainer step: trl collator, Trainer optimizer, bf16 autocast, clip, scheduler; "
+                "grad_accum 1; wall clock with a device sync per step",
+        "naive": "the naive recipe as measured in docs/gpu-baseline.md runs a plain step (fp32 adapters, no "
+                 "autocast); naive+amp is the same recipe under bf16 autocast with bf16 adapters, as trl's "
+                 "SFTTrainer(bf16=True) runs it",
+        "flops": "model = 4N + 6 LoRA + causal attention (fwd+2x bwd); hardware adds the recomputed forward",
+        "dequant_cache": "none: every row keeps only the 4-bit base weights and dequantises per matmul",
+        "rows": [],
+    }
+    if tiny:
+        report["tiny_overrides"] = "device=cpu, liger_kernel=false, optimizer=adamw_torch (CUDA-only otherwise)"
+    rows = report["rows"]
     for spec in specs:
         _log(f"row {spec['name']} ...")
         if args.in_process or tiny:
@@ -763,24 +812,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         _log(f"row {row['name']}: {row.get('status')} {sp.get('tokens_per_s', '-')} tok/s, "
              f"alloc {row.get('peak_allocated_gb', '-')} GB, est {row.get('estimate', {}).get('total_gb', '-')} GB "
              f"{row.get('error', '')[:200]}")
-
-    report: dict[str, Any] = {
-        "command": "python -m sigil_exp.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "shape": shape, "seq": args.seq, "tiny": tiny, "versions": _versions(), "real_text": source,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not tiny else "cpu",
-        "step": "faithful SFTTrainer step: trl collator, Trainer optimizer, bf16 autocast, clip, scheduler; "
-                "grad_accum 1; wall clock with a device sync per step",
-        "flops": "model = 4N + 6 LoRA + causal attention (fwd+2x bwd); hardware adds the recomputed forward",
-        "dequant_cache": "none: every row keeps only the 4-bit base weights and dequantises per matmul",
-        "rows": rows,
-    }
-    if tiny:
-        report["tiny_overrides"] = "device=cpu, liger_kernel=false, optimizer=adamw_torch (CUDA-only otherwise)"
-    report.update(summarise(rows, args, shape, work))
-    report["wall_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out) if args.out else work / "bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+        report.update(summarise(rows, args, shape, work))
+        report["wall_s"] = round(time.perf_counter() - t0, 1)
+        out.write_text(json.dumps(report, indent=2, default=str))  # after every row: a cut-short run still reports
     print_table(report)
     _log(f"report -> {out}")
     return report

@@ -158,7 +158,7 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     data = build_datasets(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed, cfg.cache_dir, run_dir)
     derived = _derived_numbers(cfg, len(data.train))
     log.info("Derived: effective batch %(effective_batch)d sequences, up to %(max_tokens_per_step)d tokens/step, "
-             "%(train_examples)d train examples, %(steps_per_epoch)d steps/epoch, %(total_steps)d steps", derived)
+             "%(train_examples)d train sequences before packing, %(steps_per_epoch)d steps/epoch at most, %(total_steps)d steps", derived)
     log.info("Data: %s", json.dumps(data.stats, default=str)[:2000])
 
     torch.manual_seed(cfg.train.seed)

@@ -247,6 +247,7 @@ def test_tiny_model_evaluation_end_to_end(tmp_path, tiny_model, problems):
     from omegaconf import OmegaConf
 
     from sigil_exp.config import RunConfig
+    from sigil_exp.tracking import read_offline_run
     from tests.conftest import compose_cfg
 
     model, tok = tiny_model
@@ -272,6 +273,9 @@ def test_tiny_model_evaluation_end_to_end(tmp_path, tiny_model, problems):
     assert saved["metrics"] == metrics and saved["sandbox"]
     again = execute_completions(read_completions(ev / "completions.jsonl"), cfg.eval, tmp_path / "again")
     assert again["eval/compile_rate"] == metrics["eval/compile_rate"]
+    logged = read_offline_run(next((tmp_path / "wandb").glob("offline-run-*")))["summary"]
+    assert logged["eval/pass@1"] == metrics["eval/pass@1"]
+    assert (logged["eval/samples/nrows"], logged["eval/samples/ncols"]) == (6, 5)
 
 
 @needs_rustc
@@ -308,3 +312,14 @@ def LlamaFromDir(path):  # noqa: N802 - reads like the class it loads
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(path)
+
+
+@needs_rustc
+@pytest.mark.slow
+def test_bench_fast_path_agrees_with_naive_on_200_samples(capsys):
+    """`python -m sigil_exp.evaluate.bench`: identical verdicts and error codes, and faster."""
+    from sigil_exp.evaluate.bench import main as bench_main
+
+    summary = bench_main(["--json", "--timeout-s", "2"])
+    assert summary["samples"] == 200 and summary["verdict_agreement"] == "200/200"
+    assert summary["fast_samples_per_min"] > summary["naive_samples_per_min"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sigil_exp.evaluate.execute import EXCERPT, ExecConfig, Sample, execute, find_toolchain
-from sigil_exp.evaluate.sandbox import UID_BASE, detect_sandbox
+from sigil_exp.evaluate.sandbox import detect_sandbox
 
 pytestmark = pytest.mark.skipif(
     shutil.which("rustc") is None and not Path("~/.cargo/bin/rustc").expanduser().exists(),
@@ -62,8 +62,8 @@ def _hostile(paths: dict[str, str], port: int) -> dict[str, str]:
     }
 
 
-def _sandbox_processes() -> list[int]:
-    """Host processes running under a sandbox uid (there must be none after a run)."""
+def _sandbox_processes(sb) -> list[int]:
+    """Host processes running under this process's sandbox uids (there must be none after a run)."""
     left = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -71,7 +71,7 @@ def _sandbox_processes() -> list[int]:
                 st = os.stat(f"/proc/{name}")
             except FileNotFoundError:
                 continue
-            if st.st_uid >= UID_BASE:
+            if sb.uid_base <= st.st_uid < sb.uid_base + 64:
                 left.append(int(name))
     return left
 
@@ -138,7 +138,7 @@ def test_hostile_effects_did_not_reach_the_host(hostile_run):
     if hostile_run["sandbox"].level == "namespaces":
         assert not Path(hostile_run["paths"]["tmp"]).exists()
         assert hostile_run["connections"] == 0
-    assert _sandbox_processes() == []  # fork bomb and background children are all gone
+    assert _sandbox_processes(hostile_run["sandbox"]) == []  # fork bomb and background children are all gone
 
 
 def test_neighbours_of_hostile_samples_pass(hostile_run):
@@ -157,4 +157,4 @@ def test_rlimits_fallback_contains_resource_attacks():
     results = {r.task_id: r for r in execute(samples, ExecConfig(timeout_s=1.5, run_mem_mb=512), sb)}
     assert results.pop("good").verdict == "pass"
     assert {n: r.verdict for n, r in results.items() if r.verdict not in ("test_failure", "timeout")} == {}
-    assert _sandbox_processes() == []
+    assert _sandbox_processes(sb) == []

@@ -69,20 +69,35 @@ def run_example(script: Path, cache_dir: str, out: Path, *extra: str, timeout: i
     return proc
 
 
-def recorded_commands(script: Path, tmp_path: Path, cache_dir: str) -> list[list[str]]:
-    """The `python ...` command lines the script runs (with its smoke args), captured by a fake python."""
+def recorded_commands(script: Path, tmp_path: Path, cache_dir: str, smoke: bool = True) -> list[list[str]]:
+    """The `python ...` command lines the script runs, captured by a fake python: in its smoke form,
+    or (smoke=False) exactly as documented for the real run."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     fake, log = tmp_path / "fakepython", tmp_path / "argv.jsonl"
+    log.unlink(missing_ok=True)
     fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
                     f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     fake.chmod(0o755)
-    env, args = smoke_form(script)
+    env, args = smoke_form(script) if smoke else ({}, [])
     env = _env(cache_dir, OUT=str(tmp_path / "out"), **{"NGPUS": "2", **env})
     env["PYTHON"] = str(fake)
     proc = subprocess.run(["bash", str(script), *args], cwd=ROOT, capture_output=True, text=True, env=env,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def compose_jobs(commands: list[list[str]]):
+    """Every job's typed config (validated), and the launcher/sweeper settings composed too."""
+    for argv in commands:
+        for job in expand_jobs(argv):
+            task = [o for o in job if not o.startswith("hydra")]
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                typed = to_object(compose("config", overrides=task))
+                if len(task) < len(job):  # slurm / local_gpus / lora_tpe settings
+                    compose("config", overrides=job, return_hydra_config=True)
+            validate(typed)  # interpolations resolve (alpha = r, 2r) and the combination is legal
+            yield typed
 
 
 def _ends(spec: str) -> tuple:
@@ -140,20 +155,11 @@ def test_example_states_question_command_cost_and_composes(script, tmp_path, cac
     assert text.startswith("# Question:"), f"{script.name} must start with the question it answers"
     assert "# Cost:" in text and " x " in text.split("# Cost:")[1].splitlines()[0], "cost as jobs x steps"
     assert f"bash multirun_examples/{script.name}" in text and "# Smoke form" in text
-    commands = recorded_commands(script, tmp_path, cache_dir)
-    assert commands and any(c[2:3] == ["-m"] for c in commands), "an example runs a sweep (-m)"
-    n = 0
-    for argv in commands:
-        for job in expand_jobs(argv):
-            task = [o for o in job if not o.startswith("hydra")]
-            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-                typed = to_object(compose("config", overrides=task))
-                if len(task) < len(job):  # the launcher/sweeper settings compose too (slurm, local_gpus, ...)
-                    compose("config", overrides=job, return_hydra_config=True)
-            validate(typed)  # interpolations resolve (alpha = r, 2r) and the combination is legal
-            assert typed.model.name == "tiny"  # the smoke form really is small
-            n += 1
-    assert n >= 2
+    documented = recorded_commands(script, tmp_path / "full", cache_dir, smoke=False)
+    assert documented and any(c[2:3] == ["-m"] for c in documented), "an example runs a sweep (-m)"
+    assert len(list(compose_jobs(documented))) >= 2
+    smoke = list(compose_jobs(recorded_commands(script, tmp_path / "smoke", cache_dir)))
+    assert smoke and all(t.model.name == "tiny" and t.hardware.device == "cpu" for t in smoke), "smoke is small"
 
 
 def test_tied_alpha_expands_to_r_and_2r(tmp_path, cache_dir):

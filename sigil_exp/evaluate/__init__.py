@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sigil_exp.config import EvalConfig, RunConfig
+from sigil_exp.config import EvalConfig, RunConfig, SigilError
 from sigil_exp.evaluate.execute import (
     ExecConfig,
     ProblemFailure,
@@ -38,7 +38,7 @@ from sigil_exp.evaluate.metrics import compute_metrics, error_histogram
 from sigil_exp.evaluate.problems import Problem, load_problems
 from sigil_exp.evaluate.sandbox import detect_sandbox
 
-__all__ = ["run_evaluation", "execute_completions", "check_problems", "load_problems", "ProblemFailure",
+__all__ = ["run_evaluation", "check_eval_setup", "execute_completions", "check_problems", "load_problems", "ProblemFailure",
            "Problem", "Result", "Sample", "Completion", "compute_metrics", "exec_config", "gen_config",
            "generate_completions", "read_completions", "write_completions", "find_toolchain"]
 
@@ -54,6 +54,17 @@ def exec_config(ev: EvalConfig) -> ExecConfig:
 def gen_config(ev: EvalConfig, fmt: str) -> GenConfig:
     return GenConfig(fmt=fmt, n_samples=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p,
                      max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, seed=ev.seed)
+
+
+def check_eval_setup(cfg: RunConfig) -> None:
+    """Fail before training, not after: the problems load, rustc is there, the sandbox starts."""
+    if not cfg.eval.enabled:
+        return
+    load_problems(cfg.eval.problems, cfg.eval.limit)
+    find_toolchain()
+    detect_sandbox(cfg.eval.sandbox)
+    if cfg.data.format not in ("completion", "chat", "text"):
+        raise SigilError(f"data.format={cfg.data.format!r} cannot be evaluated; set eval.enabled=false.")
 
 
 def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path) -> dict[str, float]:

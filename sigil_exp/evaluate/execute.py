@@ -40,10 +40,12 @@ VERDICTS = ("pass", "test_failure", "compile_error", "timeout")
 MODULE = "sigil_s{:05d}"
 EXCERPT = 2000  # characters of compiler/test output kept per sample
 RUN_CHUNK = 8  # fast path: test runs per sandbox session
+MAX_WORKERS = 64  # one sandbox uid per worker slot (see sandbox.UID_BASE)
 # Text that behaves differently inside a module than at a crate root, or clashes across modules.
 _NOT_BATCHABLE = ("sigil_s", "#![", "super::", "pub(super)", "pub(in", "line!", "file!", "column!",
                   "module_path!", "type_name", "Location::caller", "no_mangle", "export_name", "link_section",
-                  "macro_export", "include!", "include_str!", "include_bytes!", "#[path")
+                  "macro_export", "include!", "include_str!", "include_bytes!", "#[path", "global_allocator",
+                  "panic_handler", "alloc_error_handler")
 
 
 @dataclass
@@ -365,7 +367,8 @@ def execute(samples: list[Sample], cfg: ExecConfig, sandbox: Sandbox, toolchain:
     tc = toolchain or find_toolchain()
     root = Path(tempfile.mkdtemp(prefix="sigil_eval_"))
     root.chmod(0o755)
-    ctx = _Ctx(sb=sandbox, tc=tc, cfg=cfg, root=root, slots=_Slots(max(1, cfg.workers)), counter=itertools.count())
+    workers = max(1, min(cfg.workers, MAX_WORKERS))
+    ctx = _Ctx(sb=sandbox, tc=tc, cfg=cfg, root=root, slots=_Slots(workers), counter=itertools.count())
     try:
         jobs: list[list[tuple[int, Sample]]] = []
         batch: list[tuple[int, Sample]] = []
@@ -375,7 +378,7 @@ def execute(samples: list[Sample], cfg: ExecConfig, sandbox: Sandbox, toolchain:
             else:
                 jobs.append([(i, s)])
         if batch:  # spread evenly so every worker gets a crate of about the same size
-            n_crates = max(math.ceil(len(batch) / cfg.batch_size), min(cfg.workers, len(batch)))
+            n_crates = max(math.ceil(len(batch) / cfg.batch_size), min(workers, len(batch)))
             size = math.ceil(len(batch) / n_crates)
             jobs = [batch[k:k + size] for k in range(0, len(batch), size)] + jobs
         results: list[Result | None] = [None] * len(samples)
@@ -383,7 +386,7 @@ def execute(samples: list[Sample], cfg: ExecConfig, sandbox: Sandbox, toolchain:
         # queued as soon as their crate is built so runs overlap the remaining compiles
         chunk = 1 if cfg.batch_size <= 1 else RUN_CHUNK
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             def build(job: list[tuple[int, Sample]]) -> list[_Built]:
                 return _batch_build(ctx, job) if len(job) > 1 else _naive_builds(ctx, job)
 

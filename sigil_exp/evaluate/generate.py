@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sigil_exp.config import SigilError
@@ -118,9 +118,10 @@ def generate_completions(model, tokenizer, problems: list[Problem], cfg: GenConf
     import torch
     from transformers import GenerationConfig
 
+    if cfg.fmt == "text":  # trained on raw code: the problem's prompt is simply continued
+        cfg = replace(cfg, fmt="completion")
     if cfg.fmt not in ("completion", "chat"):
-        raise SigilError(f"data.format={cfg.fmt!r} cannot be evaluated: generation needs a prompt, so use "
-                         "data.format=completion or data.format=chat.")
+        raise SigilError(f"data.format={cfg.fmt!r} cannot be evaluated; use data.format=completion, chat or text.")
     if cfg.fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise SigilError("data.format=chat but the tokenizer has no chat template; evaluate with data.format=completion.")
     greedy = cfg.temperature <= 0
