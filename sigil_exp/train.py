@@ -153,6 +153,10 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
     modeling.check_device(cfg.hardware)
+    if cfg.eval.enabled:  # bad eval settings (problems file, rustc, sandbox) fail now, not after training
+        from sigil_exp.evaluate import check_eval_setup
+
+        check_eval_setup(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model, model_path)
 
     data = build_datasets(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed, cfg.cache_dir, run_dir)

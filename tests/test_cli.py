@@ -47,7 +47,7 @@ def test_help_and_cfg_job(cache_dir):
 
 
 def test_multirun_jobs_get_their_own_wandb_runs_and_adapters(cache_dir, tmp_path):
-    proc = run_cli(["-m", "experiment=smoke", "lora.r=4,8", "train.max_steps=3", "train.eval_steps=0", "train.logging_steps=1",
+    proc = run_cli(["-m", "experiment=smoke", "lora.r=4,8", "train.max_steps=3", "train.eval_steps=0", "train.logging_steps=1", "eval.enabled=false",
                     "train.save_steps=100", f"hydra.sweep.dir={tmp_path}"], cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "adapter").is_dir())
@@ -66,7 +66,7 @@ def test_multirun_jobs_get_their_own_wandb_runs_and_adapters(cache_dir, tmp_path
 
 
 def test_resume_auto_continues_from_the_last_checkpoint(cache_dir, tmp_path):
-    common = ["experiment=smoke", "train.eval_steps=0", "train.save_steps=2", "train.logging_steps=1",
+    common = ["experiment=smoke", "train.eval_steps=0", "train.save_steps=2", "train.logging_steps=1", "eval.enabled=false",
               f"hydra.run.dir={tmp_path}", "wandb.mode=disabled"]
     first = run_cli([*common, "train.max_steps=4"], cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -7,11 +7,16 @@ Two paths with identical verdicts:
   completion + tests }`), compiled once; the binary then runs once per sample, each run its own
   sandboxed process with the filter `sigil_s00017::`, `--test-threads=1` and its own timeout, so
   one sample's infinite loop cannot time out its neighbours. When the crate fails to compile,
-  the samples its errors point at are built alone (their verdicts and error codes come from that
-  naive build) and the rest is compiled again; errors that point at no sample, and timeouts,
-  split the batch in two. Samples that could behave differently inside a module (inner
-  attributes, `super::` outside the tests, `line!()`, exported symbols, ...) always take the
-  naive path.
+  the errors located inside a module are that sample's compile errors, and the rest is compiled
+  again; errors located in no module (e.g. the linker), and timeouts, split the crate in two.
+
+Why the verdicts (and error-code sets) are the naive ones: a sample that could behave
+differently inside a module, or name another sample, never shares a crate (`batchable`: inner
+attributes, `super::` outside the tests, `line!()`/`type_name`, exported or crate-global symbols,
+`include!`, unbalanced braces, ...). So a module's errors come from its own code, and rustc's
+"stop if there were errors" checkpoints between phases fire for it alone exactly as in the crate:
+other samples' errors can only stop the build before this sample's first error, and then it
+is simply compiled again in the next round. `python -m sigil_exp.evaluate.bench` checks this.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sigil_exp.config import SigilError
@@ -80,9 +80,6 @@ class Sandbox:
 
     def uid(self, slot: int) -> int | None:
         return self.uid_base + slot if self.drop_uid else None
-
-    def with_ro(self, *paths: str) -> Sandbox:
-        return replace(self, ro=self.ro + tuple(p for p in paths if p not in self.ro))
 
 
 @dataclass
