@@ -4,8 +4,8 @@
 # Cost: 4 jobs (2 ranks x 2 alphas) x 500 steps.
 # Command:
 #   bash multirun_examples/alpha.sh
-# Smoke form (tiny model on CPU, 4 jobs x 3 steps, ~1 min on 2 cores):
-#   bash multirun_examples/alpha.sh experiment=smoke train.max_steps=3
+# Smoke form (tiny model on CPU, 4 jobs x 3 steps, ~20 s on 2 cores):
+#   bash multirun_examples/alpha.sh experiment=smoke train.max_steps=3 train.logging_steps=1 eval.enabled=false
 # Quoting: Hydra must see each interpolation as one quoted string, and the shell must not expand `$`:
 # the whole override goes in single quotes with double quotes inside each value. A fixed alpha can
 # join the list: 'lora.alpha=16,"${lora.r}","${mul:2,${lora.r}}"' (6 jobs).

@@ -5,8 +5,8 @@
 #       conf/hydra/sweeper/lora_tpe.yaml (r 8-64, alpha 8-128, lr 3e-5-1e-3 log, lora=attn|mlp|all).
 # Command:
 #   bash multirun_examples/bayes_tpe.sh
-# Smoke form (tiny model on CPU, 3 trials x 3 steps, ~1 min on 2 cores):
-#   bash multirun_examples/bayes_tpe.sh experiment=smoke train.max_steps=3 hydra.sweeper.n_trials=3
+# Smoke form (tiny model on CPU, 3 trials x 3 steps, ~20 s on 2 cores):
+#   bash multirun_examples/bayes_tpe.sh experiment=smoke train.max_steps=3 train.logging_steps=1 eval.enabled=false hydra.sweeper.n_trials=3
 # Objective: sweep.objective (default eval/loss, minimize). Once the Rust evaluation runs with training:
 #   bash multirun_examples/bayes_tpe.sh eval.enabled=true sweep.objective=eval/pass@1 sweep.direction=maximize
 # The sampler is seeded and the study is stored in <sweep dir>/optuna.db (sqlite). An interrupted

@@ -3,8 +3,8 @@
 # Cost: 4 jobs x 500 steps, in ceil(4 / N) rounds of N parallel jobs.
 # Command (NGPUS defaults to the GPUs nvidia-smi lists):
 #   bash multirun_examples/parallel_gpus.sh
-# Smoke form (tiny model on CPU: two processes at once, "GPUs" 0 and 1 assigned but unused, ~1.5 min):
-#   NGPUS=2 bash multirun_examples/parallel_gpus.sh experiment=smoke train.max_steps=3 lora.r=4,8
+# Smoke form (tiny model on CPU: two processes at once, "GPUs" 0 and 1 assigned but unused, ~40 s on 2 cores):
+#   NGPUS=2 bash multirun_examples/parallel_gpus.sh experiment=smoke train.max_steps=3 train.logging_steps=1 eval.enabled=false lora.r=4,8
 # How: hydra/launcher=local_gpus runs each job in its own process (submitit's local executor) with
 # CUDA_VISIBLE_DEVICES=0..N-1; sweep.one_gpu_per_job=true makes job k keep only GPU k mod N; the
 # sweeper launches N jobs per batch (the local executor starts a whole batch at once). Separate

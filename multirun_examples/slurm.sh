@@ -7,8 +7,8 @@
 #   .timeout_min (--time), .cpus_per_task, .mem_gb, .account, .qos, .constraint, .array_parallelism,
 #   .setup (shell lines before each job, e.g. activating the venv). Paths must be on a shared filesystem.
 # Smoke form (no cluster needed: submitit's local executor, one process per job; a 2-job slice of
-# the grid, 2 at a time, since the local executor starts a whole batch at once; ~1 min on 2 cores):
-#   LAUNCHER=submitit_local bash multirun_examples/slurm.sh experiment=smoke train.max_steps=3 lora.r=4,8 lora=attn hydra.sweeper.max_batch_size=2
+# the grid, 2 at a time, since the local executor starts a whole batch at once; ~45 s on 2 cores):
+#   LAUNCHER=submitit_local bash multirun_examples/slurm.sh experiment=smoke train.max_steps=3 train.logging_steps=1 eval.enabled=false lora.r=4,8 lora=attn hydra.sweeper.max_batch_size=2
 set -euo pipefail
 LAUNCHER=${LAUNCHER:-slurm}
 PARTITION_ARG=()

@@ -5,9 +5,9 @@
 # Command (experiment=phase1/phase2 pick data=phase1/phase2; SIGIL_DATA_JSONL / SIGIL_RUST_DIR
 # point them at the corpora, see conf/data/phase1.yaml):
 #   bash multirun_examples/two_phase.sh
-# Smoke form (tiny model on CPU, bundled sample data, 1 + 2 jobs x 3 steps, ~1 min on 2 cores). The
+# Smoke form (tiny model on CPU, bundled sample data, 1 + 2 jobs x 3 steps, ~40 s on 2 cores). The
 # phases set experiment=phase1/phase2, so the smoke form names the tiny model and data directly:
-#   bash multirun_examples/two_phase.sh model=tiny hardware=cpu data=rust_sample train.max_steps=3
+#   bash multirun_examples/two_phase.sh model=tiny hardware=cpu data=rust_sample train.max_steps=3 train.logging_steps=1 eval.enabled=false
 # Everything lands in $OUT: phase1/ (a run folder with adapter/) and phase2/ (a sweep with report.md).
 # PHASE1="..." / PHASE2="..." add overrides to one phase only (split on spaces).
 set -euo pipefail

@@ -348,7 +348,7 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
     if bounds[-1] != q_len:  # boundaries that do not describe this row: no packing information to use
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=False) if e > s]
     if len(set(lengths)) == 1:  # equal documents: fold them into the batch dimension, one flash call
         n, length = len(lengths), lengths[0]
 
@@ -359,7 +359,7 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
                                         scaling=scaling, is_causal=True, **kwargs)
         return out.reshape(1, q_len, *out.shape[2:]), None
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in zip(bounds[:-1], bounds[1:], strict=False):
         if e > s:
             o, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
                                           dropout=dropout, scaling=scaling, is_causal=True, **kwargs)

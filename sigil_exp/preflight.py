@@ -172,11 +172,11 @@ def layer_activation_bytes(shape: ModelShape, q: QuantConfig, lora: LoraConfig, 
     total += 2 * qd + 4 * kv + 2 * qd + 4 * shape.heads
     if not liger and upcast:
         total += 4 * (qd + 2 * kv)  # fp32 q/k/v from the upcast path, kept by RoPE's products
-    # MLP intermediates: Liger SwiGLU keeps gate and up; transformers' also silu(gate)
-    total += (2 * 2 * m) if liger else (3 * sb * m)
+    # MLP intermediates (fp32 after the upcast): Liger SwiGLU keeps gate and up; transformers' also silu(gate)
+    total += (2 * sb * m) if liger else (3 * sb * m)
     # inputs of the LoRA'd projections, grouped by the tensor they read
     groups = [(("q_proj", "k_proj", "v_proj"), d, sb), (("o_proj",), qd, 2), (("gate_proj", "up_proj"), d, sb),
-              (("down_proj",), m, sb if not liger else 2)]
+              (("down_proj",), m, sb)]
     for names, width, in_bytes in groups:
         users = [n for n in names if n in targets]
         if not users:

@@ -135,6 +135,7 @@ def read_job(job_dir: Path) -> Job:
     run = _wandb_run(job_dir)
     if not metrics and run is not None:  # died before metrics.json: what W&B got is all there is
         metrics = {k: v for k, v in run["summary"].items() if not k.startswith("_")}
+        metrics["status"] = "crashed"
     status = metrics.get("status") or "crashed"
     error = str(metrics.get("error") or "")
     if status == "crashed" and not error:

@@ -153,6 +153,9 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
     modeling.check_device(cfg.hardware)
+    from sigil_exp.preflight import preflight
+
+    preflight(cfg, model_path)  # logs the memory estimate, picks auto micro-batch, stops if it cannot fit
     if cfg.eval.enabled:  # bad eval settings (problems file, rustc, sandbox) fail now, not after training
         from sigil_exp.evaluate import check_eval_setup
 

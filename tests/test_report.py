@@ -108,3 +108,23 @@ def test_objective_value_worst_for_failures():
 def test_swept_keys_come_from_the_sweep_command(sweep):
     assert swept_keys(sweep) == ["lora.r"]  # the tied alpha is one value, not a sweep
     assert swept_keys(sweep, {"train.lr": "interval(1e-5, 1e-3)"}) == ["train.lr", "lora.r"]
+
+
+def test_killed_job_is_reported_from_its_wandb_run(tmp_path):
+    import wandb
+
+    make_job(tmp_path, 0, ["lora.r=8"], ok_metrics(2.0))
+    killed = make_job(tmp_path, 1, ["lora.r=64"], None)  # no metrics.json: the OOM killer struck mid-run
+    run = wandb.init(mode="offline", dir=str(killed), project="t", group="sweep-x", name="r64-a16-all",
+                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    for step in (1, 2, 3):
+        run.log({"train/loss": 3.0 - step / 10, "train/global_step": step}, step=step)
+    run.summary["params/trainable"] = 4096
+    run.finish(exit_code=137)
+    jobs, _ = report.collect(tmp_path)
+    dead = next(j for j in jobs if j.num == 1)
+    assert dead.status == "crashed" and dead.objective is None and dead.name == "r64-a16-all"
+    assert [r["train/global_step"] for r in dead.history if "train/loss" in r] == [1, 2, 3]
+    assert dead.metrics["params/trainable"] == 4096 and "no metrics.json" in dead.error
+    assert [j.num for j in jobs] == [0, 1]
+    assert report.plot_loss_curves(jobs, tmp_path / "curves.png") is not None  # the killed job's curve too

@@ -1,8 +1,9 @@
 """Sweeps on the tiny model, run the way a person runs them: the scripts in multirun_examples/.
 
 Each example's "Smoke form" line is parsed from the file and executed (so the docs cannot rot):
-the 2x2 rank x alpha sweep (alpha.sh) and the optuna search (bayes_tpe.sh) in the default suite,
-the others under `-m slow` (`make test-slow`). A fast test expands every example's command into its
+the 2x2 rank x alpha sweep (alpha.sh), the optuna search (bayes_tpe.sh) and one job per GPU through
+submitit's local executor (parallel_gpus.sh) in the default suite, the others under `-m slow`
+(`make test-slow`). A fast test expands every example's command into its
 jobs and composes each job's config, so a renamed key or a quoting mistake fails in seconds.
 """
 
@@ -30,10 +31,12 @@ from tests.conftest import CONF_DIR, ROOT, run_cli
 
 EXAMPLES = ROOT / "multirun_examples"
 SCRIPTS = sorted(EXAMPLES.glob("*.sh"))
-# Appended to every smoke command by the tests: 2 steps, one small eval at the end, no checkpoints.
+# Appended to every smoke command by the tests: 2 short steps, one small eval-loss pass at the end, no
+# checkpoints, no Rust evaluation (test_sweep_objective_can_be_a_maximised_eval_rate keeps it).
 FAST = ["train.max_steps=2", "train.eval_steps=0", "train.save_steps=100", "train.logging_steps=1",
-        "data.val_fraction=0.03"]
-SLOW_EXAMPLES = {"rank", "targets", "lr", "two_phase", "parallel_gpus", "slurm"}
+        "data.val_fraction=0.03", "model.max_seq_len=256", "eval.enabled=false"]
+SLOW_EXAMPLES = {"rank", "targets", "lr", "two_phase", "slurm"}
+FAST_EXAMPLES = {"parallel_gpus"}  # submitit's local executor for real, in the default suite (~15 s)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -188,7 +191,7 @@ def test_2x2_sweep_four_jobs_four_runs_one_group(sweep_2x2):
     runs = [read_offline_run(j) for j in jobs]
     assert len({r["run"]["id"] for r in runs}) == 4
     assert {r["run"]["group"] for r in runs} == {sweep_group(sweep_2x2)}
-    names = sorted(r["run"]["name"].split("-val_fraction")[0] for r in runs)  # FAST's data.val_fraction: a suffix
+    names = sorted("-".join(r["run"]["name"].split("-")[:3]) for r in runs)  # FAST's overrides follow
     assert names == ["r16-a16-all", "r16-a32-all", "r64-a128-all", "r64-a64-all"]
     for r in runs:
         assert {"sweep:lora.r", "sweep:lora.alpha"} <= set(r["run"]["tags"])
@@ -286,9 +289,24 @@ def test_optuna_search_continues_from_its_sqlite_study(tpe_sweep, cache_dir):
     assert len(study.trials) == 4
 
 
-# ----------------------------------------------------------- the other examples (make test-slow)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SLOW_EXAMPLES))
+def test_sweep_objective_can_be_a_maximised_eval_rate(cache_dir, tmp_path):
+    # experiment=smoke runs the Rust evaluation after training: optimise its pass@1 instead of a loss
+    fast = [o for o in FAST if not o.startswith("eval.")]
+    proc = run_cli(["-m", "experiment=smoke", "lora.r=4,8", *fast, "eval.limit=2", "eval.max_new_tokens=32",
+                    "sweep.objective=eval/pass@1", "sweep.direction=maximize", f"hydra.sweep.dir={tmp_path}"],
+                   cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "report.md").read_text()
+    assert "Sorted by **eval/pass@1** (higher is better)" in md and "| pass@1 |" in md and "| compile rate |" in md
+    for j in job_dirs(tmp_path):
+        m, s = json.loads((j / "metrics.json").read_text()), read_offline_run(j)["summary"]
+        assert s["objective_key"] == "eval/pass@1" and s["objective"] == m["eval/pass@1"]
+
+
+# ----------------------------------------------------------- the other examples (make test-slow)
+@pytest.mark.parametrize("name", [*sorted(FAST_EXAMPLES),
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in sorted(SLOW_EXAMPLES))])
 def test_example_runs_in_smoke_form(name, cache_dir, tmp_path):
     script = EXAMPLES / f"{name}.sh"
     run_example(script, cache_dir, tmp_path)
