@@ -47,8 +47,9 @@ bench-gpu: install  ## GPU throughput/memory benchmark: naive recipe vs the pres
 bench-tiny: install  ## the benchmark's code path on CPU in seconds
 	$(BIN)/python -m sigil_exp.bench --tiny
 
-sweep-demo: install  ## a 2x2 rank x alpha sweep on the tiny model, then the sweep report
-	$(BIN)/python -m sigil_exp -m experiment=smoke lora.r=4,8 lora.alpha=8,16 hydra.sweep.dir=multirun/demo
+sweep-demo: install  ## a 2x2 rank x alpha sweep on the tiny model; the report lands in multirun/demo/report.md
+	PYTHON=$(abspath $(BIN))/python bash multirun_examples/alpha.sh experiment=smoke train.max_steps=3 \
+	  train.logging_steps=1 eval.enabled=false hydra.sweep.dir=multirun/demo
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf outputs/20* outputs/demo multirun

@@ -288,7 +288,7 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     if lora.r <= 0:
         raise SigilError(f"lora.r={lora.r} must be a positive integer; try lora.r=16.")
     if lora.alpha <= 0 or not math.isfinite(lora.alpha):
-        raise SigilError(f"lora.alpha={lora.alpha} must be positive; try lora.alpha=16 or lora.alpha='${{lora.r}}'.")
+        raise SigilError(f"lora.alpha={lora.alpha} must be positive; try lora.alpha=16 or 'lora.alpha=${{lora.r}}'.")
     if not 0.0 <= lora.dropout < 1.0:
         raise SigilError(f"lora.dropout={lora.dropout} must be in [0, 1); the default is 0.05.")
     if not lora.target_modules:
