@@ -97,7 +97,8 @@ def naive_config(micro_batch: int):
         name="naive", device="cuda", precision="bf16", micro_batch_size=micro_batch, grad_accum=1,
         gradient_checkpointing=True, checkpointing_reentrant=True, attn_implementation="sdpa",
         optimizer="paged_adamw_8bit", dataloader_workers=0, packing=False, liger_kernel=False, upcast_non_lora=True,
-        torch_compile=False, gpu_memory_gb=None, lora_fused=False, auto_micro_batch=False, preflight=True)
+        torch_compile=False, gpu_memory_gb=None, lora_fused=False, auto_micro_batch=False, preflight=True,
+        adapter_dtype="bfloat16")  # under autocast: trl's default for quantised bases
     return cfg
 
 
@@ -334,9 +335,9 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     model = modeling.attach_lora(model, cfg.lora)
     amp = spec.get("autocast", True)
     out["autocast"] = amp
-    for _, p in model.named_parameters():  # trl: LoRA weights in bf16 for quantised bases
-        if amp and p.requires_grad and getattr(model, "is_loaded_in_4bit", False):
-            p.data = p.data.to(torch.bfloat16)
+    # What train() does: trl casts LoRA weights to bf16 for quantised bases, then hardware.adapter_dtype
+    # decides their storage (the fp32 step without autocast keeps them fp32).
+    modeling.set_adapter_dtype(model, hw.adapter_dtype if amp else "float32")
     if hw.gradient_checkpointing:  # what Trainer + trl do for a PEFT model
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": hw.checkpointing_reentrant})
         model.enable_input_require_grads()

@@ -146,6 +146,9 @@ class HardwareConfig:
     upcast_non_lora: bool = True  # prepare_model_for_kbit_training: fp32 norms/embeddings/lm_head
     torch_compile: bool = False
     gpu_memory_gb: Optional[float] = None  # card size the preset is tuned for (preflight)
+    # LoRA weights' storage dtype. float32 = fp32 master weights (bf16 compute under autocast): small
+    # Adam updates are not rounded away, so the loss tracks an fp32 run. bfloat16 = trl's QLoRA default.
+    adapter_dtype: str = "float32"
     lora_fused: bool = False  # one autograd op per LoRA linear (dequant+matmul+LoRA); same math, less memory traffic
     auto_micro_batch: bool = False  # largest micro_batch dividing micro_batch*grad_accum that preflight says fits
     preflight: bool = True  # estimate peak GPU memory before loading; stop with the knob to change if it cannot fit
@@ -269,6 +272,7 @@ _CHOICES = {
     "data.filters.dedup": ("none", "exact", "minhash"),
     "hardware.device": ("cuda", "cpu"),
     "hardware.precision": ("bf16", "fp16", "fp32"),
+    "hardware.adapter_dtype": ("float32", "bfloat16"),
     "hardware.attn_implementation": ("sdpa", "sdpa_varlen", "eager", "flash_attention_2"),
     "train.scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "wandb.mode": ("offline", "online", "disabled"),

@@ -163,6 +163,15 @@ def attach_lora(model, lora: LoraConfig, init_adapter: str | None = None, fused:
     return peft_model
 
 
+def set_adapter_dtype(model, dtype: str) -> None:
+    """Store the trainable (LoRA) weights in `dtype`. trl casts them to bf16 for quantised bases;
+    float32 keeps fp32 master weights while autocast still computes in bf16."""
+    target = DTYPES[dtype]
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != target:
+            p.data = p.data.to(target)
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total); 4-bit weights count as the parameters they stand for."""
     return model.get_nb_trainable_parameters()

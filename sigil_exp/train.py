@@ -184,6 +184,7 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir, data.eval is not None),
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                          callbacks=[callback])
+    modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer
     result = trainer.train(resume_from_checkpoint=_resume_path(cfg, run_dir))
     final_eval = trainer.evaluate() if data.eval is not None else {}
 
