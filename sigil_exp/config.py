@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -39,13 +39,13 @@ class TinyModelConfig:
 class ModelConfig:
     name: str = MISSING  # short name used in run names, e.g. llama3.1-8b-instruct
     name_or_path: str = MISSING  # hub id or local directory
-    revision: Optional[str] = None  # hub revision (branch, tag or commit); None = default branch
+    revision: str | None = None  # hub revision (branch, tag or commit); None = default branch
     max_seq_len: int = 2048
     use_chat_template: bool = False  # format examples with the tokenizer's chat template
     trust_remote_code: bool = False
     # When set, the model is built locally (random weights + offline tokenizer) into
     # name_or_path if that directory does not exist yet. Used by `model=tiny`.
-    build_tiny: Optional[TinyModelConfig] = None
+    build_tiny: TinyModelConfig | None = None
 
 
 # --------------------------------------------------------------------------------------- quant
@@ -81,13 +81,13 @@ class SourceConfig:
     kind: str = "jsonl"  # jsonl | parquet | rust_dir (a tree of .rs files) | hf (hub id or local dataset)
     path: str = MISSING  # file, directory, glob, or hub id (kind=hf); pkg:// = bundled asset
     weight: float = 1.0  # multiplier on this source's records: 2.0 = each twice, 0.5 = a seeded half
-    name: Optional[str] = None  # label in stats; default derived from path
+    name: str | None = None  # label in stats; default derived from path
     split: str = "train"  # kind=hf: the split to read
-    subset: Optional[str] = None  # kind=hf: the dataset's config name, if it has several
-    data_dir: Optional[str] = None  # kind=hf: a folder inside the dataset repo (the-stack: data/rust)
+    subset: str | None = None  # kind=hf: the dataset's config name, if it has several
+    data_dir: str | None = None  # kind=hf: a folder inside the dataset repo (the-stack: data/rust)
     streaming: bool = False  # kind=hf: stream instead of downloading the whole split (pair with max_records)
-    text_field: Optional[str] = None  # jsonl/parquet/hf: column holding raw text (default: text, content, code)
-    max_records: Optional[int] = None  # cap per source: the first N records kept by the filters; None = all
+    text_field: str | None = None  # jsonl/parquet/hf: column holding raw text (default: text, content, code)
+    max_records: int | None = None  # cap per source: the first N records kept by the filters; None = all
 
 
 @dataclass
@@ -125,7 +125,7 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip (count malformed records instead of failing)
     num_proc: int = 2  # preprocessing workers (capped at the CPU count)
     cache: bool = True  # cache the processed dataset keyed by data config + tokenizer + sources
-    max_examples: Optional[int] = None  # cap after mixing (smoke runs)
+    max_examples: int | None = None  # cap after mixing (smoke runs)
 
 
 # ------------------------------------------------------------------------------------ hardware
@@ -145,7 +145,7 @@ class HardwareConfig:
     liger_kernel: bool = False  # fused RMSNorm/SwiGLU/RoPE/linear-cross-entropy (needs [fast] extra)
     upcast_non_lora: bool = True  # prepare_model_for_kbit_training: fp32 norms/embeddings/lm_head
     torch_compile: bool = False
-    gpu_memory_gb: Optional[float] = None  # card size the preset is tuned for (preflight)
+    gpu_memory_gb: float | None = None  # card size the preset is tuned for (preflight)
     # LoRA weights' storage dtype. float32 = fp32 master weights (bf16 compute under autocast): small
     # Adam updates are not rounded away, so the loss tracks an fp32 run. bfloat16 = trl's QLoRA default.
     adapter_dtype: str = "float32"
@@ -170,8 +170,8 @@ class TrainConfig:
     eval_steps: int = 100  # 0 = only at the end
     save_steps: int = 500
     save_total_limit: int = 2
-    init_adapter: Optional[str] = None  # start from this adapter (phase 2)
-    resume: Optional[str] = None  # null | auto (last checkpoint in the run folder) | <checkpoint path>
+    init_adapter: str | None = None  # start from this adapter (phase 2)
+    resume: str | None = None  # null | auto (last checkpoint in the run folder) | <checkpoint path>
 
 
 # ---------------------------------------------------------------------------------------- eval
@@ -179,7 +179,7 @@ class TrainConfig:
 class EvalConfig:
     enabled: bool = False  # run the Rust compile/test evaluation after training
     problems: str = "pkg://assets/rust_problems.jsonl"  # HumanEval-Rust JSONL; pkg:// = bundled
-    limit: Optional[int] = None  # evaluate only the first N problems
+    limit: int | None = None  # evaluate only the first N problems
     n_samples: int = 1  # completions per problem (pass@k needs n >= k)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 0.95
@@ -201,9 +201,9 @@ class EvalConfig:
 class WandbConfig:
     mode: str = "offline"  # offline (sync later) | online | disabled
     project: str = "sigil_exp"
-    entity: Optional[str] = None
-    group: Optional[str] = None  # default: the sweep folder's name in a multirun, else none
-    name: Optional[str] = None  # default: derived from the config, e.g. r32-a16-all
+    entity: str | None = None
+    group: str | None = None  # default: the sweep folder's name in a multirun, else none
+    name: str | None = None  # default: derived from the config, e.g. r32-a16-all
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
 

@@ -48,9 +48,10 @@ def run_cli(args: list[str], cache_dir: str, cwd: Path | None = None, timeout: i
 @pytest.fixture(scope="session")
 def tiny_run(cache_dir, tmp_path_factory):
     """One real tiny NF4 run (30 steps), shared by the tests that inspect its results."""
+    from omegaconf import OmegaConf
+
     from sigil_exp.tracking import finish_run, flatten, init_run
     from sigil_exp.train import train
-    from omegaconf import OmegaConf
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     cfg = smoke_cfg(cache_dir, "train.max_steps=30", "train.eval_steps=15", "train.save_steps=15",

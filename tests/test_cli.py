@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import yaml
+
 from sigil_exp.tracking import read_offline_run
 from tests.conftest import run_cli
 
