@@ -47,7 +47,13 @@ def _string_start(src: str, lo: int, quote: int) -> tuple[int, int | None]:
 def code_view(src: str, keep_comments: bool = False) -> str:
     """`src` with comment and literal contents replaced by spaces (same length, newlines kept);
     keep_comments=True blanks only the literals."""
+    return scan_view(src, keep_comments)[0]
+
+
+def scan_view(src: str, keep_comments: bool = False) -> tuple[str, bool]:
+    """(code_view(src), whether src ends inside an unterminated comment or string literal)."""
     out: list[str] = []
+    unterminated = False
     pos = 0
     n = len(src)
     scan = 0  # where to look for the next candidate (a lone `/` or a lifetime is code)
@@ -67,10 +73,11 @@ def code_view(src: str, keep_comments: bool = False) -> str:
             elif nxt == "*":
                 start, comment = j, True
                 depth, end = 0, n
+                unterminated = True
                 for b in _BLOCK.finditer(src, j):
                     depth += 1 if b.group(0) == "/*" else -1
                     if depth == 0:
-                        end = b.end()
+                        end, unterminated = b.end(), False
                         break
             else:
                 scan = j + 1
@@ -80,9 +87,11 @@ def code_view(src: str, keep_comments: bool = False) -> str:
             if hashes is not None:
                 closing = '"' + "#" * hashes
                 end = src.find(closing, j + 1)
+                unterminated = end < 0
                 end = n if end < 0 else end + len(closing)
             else:
                 body = _STR_BODY.match(src, j + 1)
+                unterminated = body is None
                 end = body.end() if body else n
         else:  # ' : a char literal (b'x' too) or a lifetime / label
             lit = _CHAR.match(src, j)
@@ -94,7 +103,7 @@ def code_view(src: str, keep_comments: bool = False) -> str:
         out.append(src[start:end] if keep_comments and comment else _blank(src[start:end]))
         pos = scan = end
     out.append(src[pos:])
-    return "".join(out)
+    return "".join(out), unterminated
 
 
 # ------------------------------------------------------------------------------ test stripping
