@@ -1,7 +1,7 @@
 """Generate completions for Rust problems with a loaded model (base + adapter, peft or merged).
 
-The prompt text is exactly the training format (`sigil_exp.data.format.render_prompt`), with the
-BOS token added the way training adds it. Generation is batched with left padding; each
+The prompt tokens are exactly the ones training puts before a completion
+(`sigil_exp.data.format.encode_prompt`, BOS included once). Generation is batched with left padding; each
 sequence stops as soon as the function's closing brace has been generated (a StoppingCriteria
 tracking brace depth outside string/char literals and comments), and the completion is cut there.
 """
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sigil_exp.config import SigilError
-from sigil_exp.data.format import render_prompt
+from sigil_exp.data.format import encode_prompt
 from sigil_exp.evaluate.problems import Problem
 from sigil_exp.evaluate.rust_lex import body_end
 
@@ -93,15 +93,8 @@ def make_stopping_criteria(tokenizer, prompt_len: int, fmt: str, entry_points: l
 
 
 def _model_inputs(tokenizer, problems: list[Problem], fmt: str) -> list[list[int]]:
-    """Token ids of each rendered prompt, BOS added as training adds it."""
-    out = []
-    for p in problems:
-        text = render_prompt(p.prompt, fmt, tokenizer)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if fmt != "chat" and tokenizer.bos_token_id is not None:  # chat templates carry their own BOS
-            ids = [tokenizer.bos_token_id] + ids
-        out.append(ids)
-    return out
+    """Token ids of each prompt, exactly as training encodes the text before a completion."""
+    return [encode_prompt(p.prompt, fmt, tokenizer) for p in problems]
 
 
 def _eos_ids(tokenizer) -> list[int]:
