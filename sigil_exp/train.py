@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from sigil_exp import model as modeling
 from sigil_exp.config import RunConfig, SigilError, validate
 from sigil_exp.data import build_datasets
+from sigil_exp.preflight import preflight
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def _derived_numbers(cfg: RunConfig, n_train: int) -> dict[str, Any]:
     steps_per_epoch = max(1, math.ceil(n_train / seqs_per_step))
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
     return {
+        "micro_batch_size": hw.micro_batch_size,  # as used: hardware.auto_micro_batch may have chosen it
+        "grad_accum": hw.grad_accum,
         "effective_batch": seqs_per_step,
         "max_tokens_per_step": seqs_per_step * cfg.model.max_seq_len,
         "train_examples": n_train,
@@ -153,8 +156,6 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
     modeling.check_device(cfg.hardware)
-    from sigil_exp.preflight import preflight
-
     preflight(cfg, model_path)  # logs the memory estimate, picks auto micro-batch, stops if it cannot fit
     if cfg.eval.enabled:  # bad eval settings (problems file, rustc, sandbox) fail now, not after training
         from sigil_exp.evaluate import check_eval_setup
@@ -164,7 +165,8 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
 
     data = build_datasets(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed, cfg.cache_dir, run_dir)
     derived = _derived_numbers(cfg, len(data.train))
-    log.info("Derived: effective batch %(effective_batch)d sequences, up to %(max_tokens_per_step)d tokens/step, "
+    log.info("Derived: micro-batch %(micro_batch_size)d x grad_accum %(grad_accum)d = effective batch "
+             "%(effective_batch)d sequences, up to %(max_tokens_per_step)d tokens/step, "
              "%(train_examples)d train sequences before packing, %(steps_per_epoch)d steps/epoch at most, %(total_steps)d steps", derived)
     log.info("Data: %s", json.dumps(data.stats, default=str)[:2000])
 
