@@ -329,10 +329,8 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    model = modeling.load_base_model(cfg.model, cfg.quant, hw, path=spec["model_dir"])
-    model = modeling.prepare_for_training(model, cfg.quant, hw)
-    torch.manual_seed(cfg.train.seed)
-    model = modeling.attach_lora(model, cfg.lora)
+    model = modeling.build_trainable_model(cfg.model, cfg.quant, cfg.lora, hw, spec["model_dir"],
+                                           lora_seed=cfg.train.seed)
     amp = spec.get("autocast", True)
     out["autocast"] = amp
     # What train() does: trl casts LoRA weights to bf16 for quantised bases, then hardware.adapter_dtype

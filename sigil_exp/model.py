@@ -107,12 +107,8 @@ def load_base_model(cfg: ModelConfig, q: QuantConfig, hw: HardwareConfig, path: 
 
 
 def prepare_for_training(model, q: QuantConfig, hw: HardwareConfig):
-    """Gradient checkpointing and input grads; the fp32 upcast of norms/embeddings/lm_head is a knob.
-
-    Also records the hardware knobs that `attach_lora` applies later (`hardware.lora_fused`) on the
-    model as `model.sigil_hardware`, so the call sequence stays load -> prepare -> attach."""
+    """Gradient checkpointing and input grads; the fp32 upcast of norms/embeddings/lm_head is a knob."""
     ckpt_kwargs = {"use_reentrant": hw.checkpointing_reentrant}
-    model.sigil_hardware = hw
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False  # training never reads the KV cache
     if q.method != "none" and hw.upcast_non_lora:
@@ -139,16 +135,13 @@ def peft_config(lora: LoraConfig):
     )
 
 
-def attach_lora(model, lora: LoraConfig, init_adapter: str | None = None, fused: bool | None = None):
+def attach_lora(model, lora: LoraConfig, init_adapter: str | None = None, fused: bool = False):
     """New LoRA adapters, or (phase 2) the given adapter loaded trainable.
 
-    `fused` (default: `hardware.lora_fused` as recorded by `prepare_for_training`) swaps each LoRA
-    layer's forward for one autograd op (see `fuse_lora`); the adapter, its names and saving are peft's."""
+    `fused` (`hardware.lora_fused`) swaps each LoRA layer's forward for one autograd op (see
+    `fuse_lora`); the adapter, its names and saving are peft's."""
     from peft import PeftModel, get_peft_model
 
-    hw = getattr(model, "sigil_hardware", None)
-    if fused is None:
-        fused = bool(hw is not None and getattr(hw, "lora_fused", False))
     if init_adapter:
         path = Path(init_adapter).expanduser()
         if not (path / "adapter_config.json").is_file():
@@ -161,6 +154,18 @@ def attach_lora(model, lora: LoraConfig, init_adapter: str | None = None, fused:
         n = fuse_lora(peft_model)
         log.info("hardware.lora_fused: %d LoRA layers run as one fused op each", n)
     return peft_model
+
+
+def build_trainable_model(cfg: ModelConfig, q: QuantConfig, lora: LoraConfig, hw: HardwareConfig,
+                          path: str | None = None, init_adapter: str | None = None, lora_seed: int | None = None):
+    """load -> prepare -> attach, as training and the benchmark both build the model.
+
+    `lora_seed` seeds the RNG right before the adapters are created, so every preset starts from
+    the same LoRA initialisation whatever its load path consumed."""
+    model = prepare_for_training(load_base_model(cfg, q, hw, path), q, hw)
+    if lora_seed is not None:
+        torch.manual_seed(lora_seed)
+    return attach_lora(model, lora, init_adapter, fused=hw.lora_fused)
 
 
 def set_adapter_dtype(model, dtype: str) -> None:

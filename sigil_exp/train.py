@@ -170,10 +170,8 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
              "%(train_examples)d train sequences before packing, %(steps_per_epoch)d steps/epoch at most, %(total_steps)d steps", derived)
     log.info("Data: %s", json.dumps(data.stats, default=str)[:2000])
 
-    torch.manual_seed(cfg.train.seed)
-    model = modeling.load_base_model(cfg.model, cfg.quant, cfg.hardware, model_path)
-    model = modeling.prepare_for_training(model, cfg.quant, cfg.hardware)
-    model = modeling.attach_lora(model, cfg.lora, cfg.train.init_adapter)
+    model = modeling.build_trainable_model(cfg.model, cfg.quant, cfg.lora, cfg.hardware, model_path,
+                                           cfg.train.init_adapter, lora_seed=cfg.train.seed)
     trainable, total = modeling.count_parameters(model)
     log.info("Parameters: %s trainable of %s (%.3f%%), %d quantised linear layers", f"{trainable:,}", f"{total:,}",
              100 * trainable / total, modeling.quantized_linear_count(model))

@@ -52,7 +52,7 @@ def test_fused_lora_is_applied_from_the_hardware_knob(tiny_dir):
     mc = ModelConfig(name="t", name_or_path=str(tiny_dir))
     q = QuantConfig()
     hw = HardwareConfig(name="t", device="cpu", upcast_non_lora=False, lora_fused=True)
-    m = modeling.attach_lora(modeling.prepare_for_training(modeling.load_base_model(mc, q, hw), q, hw), LoraConfig())
+    m = modeling.build_trainable_model(mc, q, LoraConfig(), hw)
     from peft.tuners.lora import LoraLayer
 
     layers = [mod for mod in m.modules() if isinstance(mod, LoraLayer)]

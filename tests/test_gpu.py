@@ -89,8 +89,7 @@ def test_fast_path_trains_one_step_with_liger(model_dir):
     from sigil_exp.config import LoraConfig
 
     mc, q, hw = _cfgs(model_dir, attn_implementation="sdpa_varlen", liger_kernel=True, lora_fused=True)
-    m = modeling.prepare_for_training(modeling.load_base_model(mc, q, hw, path=str(model_dir)), q, hw)
-    m = modeling.attach_lora(m, LoraConfig())
+    m = modeling.build_trainable_model(mc, q, LoraConfig(), hw, path=str(model_dir))
     col = DataCollatorForLanguageModeling(pad_token_id=2, padding_free=True)
     b = col([{"input_ids": list(range(3, 3 + n))} for n in (100, 60)])
     b = {k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in b.items()}
