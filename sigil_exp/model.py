@@ -90,6 +90,8 @@ def load_base_model(cfg: ModelConfig, q: QuantConfig, hw: HardwareConfig, path: 
     check_device(hw)
     path = path or resolve_model_path(cfg)
     if hw.attn_implementation == "sdpa_varlen":
+        from sigil_exp.attention import register_sdpa_varlen
+
         register_sdpa_varlen()
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=cfg.revision if not Path(path).is_dir() else None, quantization_config=bnb_config(q),
@@ -323,77 +325,3 @@ def fuse_lora(model) -> int:
             module.forward = types.MethodType(_fused_lora_forward, module)
             n += 1
     return n
-
-
-# --------------------------------------------------------------------- packed-sequence attention
-# With packing, trl flattens a micro-batch into one row with per-document position ids. Under
-# `sdpa`, transformers then builds a (B*S) x (B*S) block-diagonal mask and SDPA runs its masked
-# kernel over the whole square: at micro-batch 8 x 2048 that is 16x the causal attention work and a
-# 268 MB mask per step. `sdpa_varlen` instead runs causal SDPA (flash kernels) per document, from the
-# `cu_seq_lens_q` boundaries that trl's collator passes: one batched call when all documents have
-# the same length, a loop otherwise. Padded batches (a 2-D attention mask) take the plain sdpa path.
-
-_CU_CACHE: list = [None, None]  # [weakref to the last cu_seq_lens tensor, its boundaries as a list]
-
-
-def _boundaries(cu: torch.Tensor) -> list[int]:
-    import weakref
-
-    ref, val = _CU_CACHE
-    if ref is not None and ref() is cu:
-        return val
-    val = [int(v) for v in cu.tolist()]  # one host sync per step (the tensor is reused by every layer)
-    _CU_CACHE[0], _CU_CACHE[1] = weakref.ref(cu), val
-    return val
-
-
-def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          is_causal=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu = kwargs.pop("cu_seq_lens_q", None)
-    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"):
-        kwargs.pop(k, None)
-    q_len = query.shape[2]
-    if attention_mask is not None or cu is None or query.shape[0] != 1 or key.shape[2] != q_len:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    bounds = _boundaries(cu)
-    if bounds[-1] != q_len:  # boundaries that do not describe this row: no packing information to use
-        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=False) if e > s]
-    if len(set(lengths)) == 1:  # equal documents: fold them into the batch dimension, one flash call
-        n, length = len(lengths), lengths[0]
-
-        def fold(t):
-            return t[0].unflatten(1, (n, length)).transpose(0, 1)  # [H, T, D] -> [n, H, L, D]
-
-        out, _ = sdpa_attention_forward(module, fold(query), fold(key), fold(value), None, dropout=dropout,
-                                        scaling=scaling, is_causal=True, **kwargs)
-        return out.reshape(1, q_len, *out.shape[2:]), None
-    outs = []
-    for s, e in zip(bounds[:-1], bounds[1:], strict=False):
-        if e > s:
-            o, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
-                                          dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
-            outs.append(o)
-    return torch.cat(outs, dim=1), None
-
-
-def _varlen_mask(*args, **kwargs):
-    """sdpa's mask, except for batches without a padding mask (packed or plain causal): none at all."""
-    from transformers.masking_utils import sdpa_mask
-
-    if kwargs.get("attention_mask") is None:
-        return None
-    return sdpa_mask(*args, **kwargs)
-
-
-def register_sdpa_varlen() -> None:
-    """Register `attn_implementation="sdpa_varlen"` with transformers' attention and mask interfaces."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register("sdpa_varlen", sdpa_varlen_attention)
-    AttentionMaskInterface.register("sdpa_varlen", _varlen_mask)

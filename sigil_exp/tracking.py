@@ -122,7 +122,7 @@ def init_run(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], *, name
     # Summary values the run table and parallel-coordinates view use without setup.
     run.define_metric("eval/loss", summary="min,last")
     run.define_metric("train/loss", summary="min,last")
-    run.define_metric("train/tokens_per_s", summary="last,mean")
+    run.define_metric("train/window_tokens_per_s", summary="last,mean")  # the run's steady train/tokens_per_s: set at the end
     run.define_metric("sys/peak_mem_gb", summary="max")
     return run
 

@@ -21,7 +21,8 @@ from transformers import TrainerCallback
 from sigil_exp import model as modeling
 from sigil_exp.config import RunConfig, SigilError, validate
 from sigil_exp.data import build_datasets
-from sigil_exp.preflight import preflight
+from sigil_exp.preflight import ModelShape, preflight
+from sigil_exp.throughput import StepClock, dataset_lengths, measure_peak_tflops, speed_metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,24 @@ def peak_memory_gb(device: str) -> float:
 
 class MetricsCallback(TrainerCallback):
     """Renames the trainer's logs to the project's metric names (`train/loss`, `eval/loss`, ...),
-    adds tokens/s and peak memory, keeps the history for metrics.json and sends it to W&B."""
+    adds tokens/s and peak memory, keeps the history for metrics.json and sends it to W&B.
+
+    Each logged row's `train/window_tokens_per_s` covers the steps since the previous row; the run's
+    `train/tokens_per_s` (metrics.json and the W&B summary, one number) is the steady state from
+    `clock`, warm-up steps excluded."""
 
     def __init__(self, device: str, wandb_run=None):
         self.device, self.run = device, wandb_run
         self.history: list[dict[str, Any]] = []
+        self.clock = StepClock(device)
         self._t0, self._tokens0 = None, 0
 
     def on_train_begin(self, args, state, control, **kw):
+        self.clock.mark(state.global_step, state.num_input_tokens_seen)
         self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kw):
+        self.clock.mark(state.global_step, state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs:
@@ -61,7 +71,7 @@ class MetricsCallback(TrainerCallback):
         if "train/loss" in row and self._t0 is not None:
             now = time.perf_counter()
             tokens = state.num_input_tokens_seen - self._tokens0
-            row["train/tokens_per_s"] = tokens / max(now - self._t0, 1e-9)
+            row["train/window_tokens_per_s"] = tokens / max(now - self._t0, 1e-9)
             self._t0, self._tokens0 = now, state.num_input_tokens_seen
         row["sys/peak_mem_gb"] = peak_memory_gb(self.device)
         row["train/global_step"] = state.global_step
@@ -157,6 +167,7 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
     modeling.check_device(cfg.hardware)
     preflight(cfg, model_path)  # logs the memory estimate, picks auto micro-batch, stops if it cannot fit
+    peak_tflops = measure_peak_tflops(cfg.hardware.device)  # MFU's denominator, this card now (None off CUDA)
     if cfg.eval.enabled:  # bad eval settings (problems file, rustc, sandbox) fail now, not after training
         from sigil_exp.evaluate import check_eval_setup
 
@@ -193,14 +204,15 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     tokenizer.save_pretrained(adapter_dir)
 
     losses = [r["train/loss"] for r in callback.history if "train/loss" in r]
-    speeds = [r["train/tokens_per_s"] for r in callback.history if "train/tokens_per_s" in r]
+    speed = speed_metrics(callback.clock, ModelShape.from_model_dir(model_path), trainable, cfg.model.max_seq_len,
+                          cfg.hardware.gradient_checkpointing, dataset_lengths(data.train), peak_tflops)
     metrics: dict[str, Any] = {
         "status": "ok",
         "train/loss": losses[-1] if losses else result.training_loss,
         "train/loss_first": losses[0] if losses else None,
         "train/mean_loss": result.training_loss,
         "eval/loss": final_eval.get("eval_loss"),
-        "train/tokens_per_s": sum(speeds[1:]) / len(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None),
+        **speed,  # steady-state train/tokens_per_s, train/step_s, train/mfu (CUDA)
         "train/tokens": trainer.state.num_input_tokens_seen,
         "train/steps": trainer.state.global_step,
         "sys/peak_mem_gb": peak_memory_gb(cfg.hardware.device),

@@ -102,7 +102,7 @@ def test_bench_tiny_runs_naive_and_a_preset_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("SIGIL_BENCH_WORK", str(tmp_path))
     out = tmp_path / "bench.json"
     report = main(["--tiny", "--presets", "h200", "--naive-batch", "2", "--steps", "1", "--warmup", "1",
-                   "--loss-steps", "3", "--no-amp-naive", "--work-dir", str(tmp_path), "--out", str(out)])
+                   "--loss-steps", "3", "--no-amp-naive", "--e2e", "", "--work-dir", str(tmp_path), "--out", str(out)])
     rows = {r["name"]: r for r in report["rows"]}
     assert set(rows) == {"naive_2x64", "naive_1x64", "h200_2x64"}
     assert all(r["status"] == "ok" for r in rows.values()), [r.get("error") for r in rows.values()]
@@ -112,3 +112,30 @@ def test_bench_tiny_runs_naive_and_a_preset_end_to_end(tmp_path, monkeypatch):
     assert h["loss_agreement"]["within_1pct"] and h["loss_agreement"]["adapter"]["delta_w_cosine"] > 0.9
     assert rows["naive_1x64"]["autocast"] is False and h["autocast"] is True
     assert json.loads(out.read_text())["targets"]["same_loss"]["met"]
+
+
+@pytest.mark.slow
+def test_bench_tiny_e2e_rows_run_the_real_entrypoint(tmp_path):
+    """The end-to-end rows: `python -m sigil_exp` (and the plain trl script) as subprocesses on the two real
+    data sets, steady tokens/s read back from each run's metrics.json into the report's "e2e" list."""
+    from sigil_exp.bench import main
+
+    out = tmp_path / "bench.json"
+    report = main(["--tiny", "--e2e-only", "--e2e", "h200,naive,plain_trl", "--e2e-steps", "3",
+                   "--work-dir", str(tmp_path), "--out", str(out)])
+    e2e = {(e["preset"], e["data"]): e for e in report["e2e"]}
+    assert set(e2e) == {(p, d) for p in ("h200", "naive", "plain_trl") for d in ("bundled", "pipeline")}
+    assert all(e["status"] == "ok" for e in e2e.values()), [e.get("error") for e in e2e.values()]
+    assert all(e["steady_tokens_per_s"] > 0 and e["steady_steps"] == 1 for e in e2e.values())
+    h = e2e[("h200", "bundled")]
+    assert h["x_naive"] > 0 and h["x_plain_trl"] > 0 and "hardware=h200" in h["command"]
+    assert json.loads(out.read_text())["e2e"] == report["e2e"]
+    # the pipeline-shaped set: {prompt, gen} rows whose lengths spread over the whole range
+    import statistics
+
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(x) for x in (tmp_path / "pipeline_tiny.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(str(next(tmp_path.glob("model_*"))))
+    lens = [len(tok(r["prompt"] + r["gen"])["input_ids"]) for r in rows]
+    assert min(lens) < 100 and max(lens) > 200 and len(set(lens)) > 100 and statistics.median(lens) < 200

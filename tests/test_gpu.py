@@ -98,3 +98,53 @@ def test_fast_path_trains_one_step_with_liger(model_dir):
     loss.backward()
     grads = [p.grad for n, p in m.named_parameters() if "lora_A" in n]
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_packed_steps_do_not_slow_down_with_distinct_document_lengths(tmp_path_factory):
+    """Real packed batches hold documents of hundreds of distinct lengths. A backend that pays a cost per
+    new shape (cuDNN SDPA builds a plan per sequence length) makes such steps several times slower than
+    equal-length ones; the fast path must not care how many distinct lengths it has seen."""
+    import time
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sigil_exp import model as modeling
+    from sigil_exp.bench import SHAPES, build_random_model
+    from sigil_exp.config import LoraConfig
+
+    small = build_random_model(SHAPES["small"], tmp_path_factory.mktemp("gpu_small") / "model")
+    mc, q, hw = _cfgs(small, attn_implementation="sdpa_varlen", lora_fused=True)
+    m = modeling.build_trainable_model(mc, q, LoraConfig(dropout=0.0), hw, path=str(small))
+    m.train()
+    col = DataCollatorForLanguageModeling(pad_token_id=2, padding_free=True)
+    g = torch.Generator().manual_seed(0)
+    vocab, tokens = SHAPES["small"]["vocab"], 8192
+
+    def batch(lengths):
+        b = col([{"input_ids": torch.randint(3, vocab, (n,), generator=g).tolist()} for n in lengths])
+        return {k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in b.items()}
+
+    def distinct_lengths(step):  # a fresh set of lengths every step, none seen before
+        out, n = [], 0
+        while n < tokens - 600:
+            length = 37 + (step * 97 + len(out) * 31) % 500 + step
+            out.append(length)
+            n += length
+        return [*out, tokens - n]
+
+    def timed(batches):
+        for b in batches[:2]:  # warm-up
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                m(**b).loss.backward()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in batches[2:]:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                m(**b).loss.backward()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / (len(batches) - 2)
+
+    equal = timed([batch([256] * (tokens // 256)) for _ in range(8)])
+    distinct = timed([batch(distinct_lengths(s)) for s in range(8)])
+    assert len({n for s in range(8) for n in distinct_lengths(s)}) > 100
+    assert distinct < 1.5 * equal, (distinct, equal)

@@ -47,8 +47,12 @@ def test_wandb_offline_run_reads_back(tiny_run):
     assert [s for s, _ in logged] == [s for s, _ in expected]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected])
     assert any("eval/loss" in r for r in run["history"])
-    assert {"train/learning_rate", "train/grad_norm", "train/tokens_per_s", "sys/peak_mem_gb"} <= set(run["history"][-3])
+    assert {"train/learning_rate", "train/grad_norm", "train/window_tokens_per_s", "sys/peak_mem_gb"} <= set(run["history"][-3])
     assert run["summary"]["params/trainable"] == tiny_run["metrics"]["params/trainable"]
+    # one speed figure: the steady state (warm-up steps excluded) in metrics.json and in the W&B summary
+    m = tiny_run["metrics"]
+    assert m["train/warmup_steps_excluded"] == 2 and m["train/steady_steps"] == 28
+    assert run["summary"]["train/tokens_per_s"] == pytest.approx(m["train/tokens_per_s"])
     assert run["summary"]["status"] == "ok" and run["exit_code"] == 0
 
 
