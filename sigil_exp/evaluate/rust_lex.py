@@ -3,7 +3,7 @@
 Built on the project's one Rust lexer, `sigil_exp.data.rust.scan_view` (comments, nested block
 comments, strings with escapes, byte/C strings, raw strings `r#"..."#`, char literals told apart
 from lifetimes and labels): finds where a function body ends and whether a snippet is
-self-contained.
+self-contained (every delimiter closed in order).
 """
 
 from __future__ import annotations
@@ -47,7 +47,20 @@ def truncate_body(completion: str) -> str:
     return completion if end is None else completion[:end]
 
 
+_PAIRS = {")": "(", "]": "[", "}": "{"}
+
+
 def is_self_contained(text: str) -> bool:
-    """Balanced braces that never go below zero and no unterminated literal or comment."""
-    s = scan(text)
-    return s.depth == 0 and s.min_depth >= 0 and not s.unterminated
+    """Every `(`, `[` and `{` closed, in order, inside `text`, and no unterminated literal or
+    comment: rustc's token trees then cannot reach across its ends (into a crate-mate)."""
+    view, unterminated = scan_view(text)
+    if unterminated:
+        return False
+    stack: list[str] = []
+    for c in view:
+        if c in "([{":
+            stack.append(c)
+        elif c in _PAIRS:
+            if not stack or stack.pop() != _PAIRS[c]:
+                return False
+    return not stack
