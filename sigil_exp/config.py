@@ -198,7 +198,7 @@ class EvalConfig:
     run_threads: int = 256  # processes + threads of a test run (RLIMIT_NPROC, per sandbox uid)
     run_output_mb: int = 64  # largest file a test run writes, its stdout/stderr included (RLIMIT_FSIZE)
     run_disk_mb: int = 256  # private writable dir of a test run, also its /tmp (a tmpfs; namespaces level)
-    run_cpu_s: float = 60.0  # CPU seconds of a test run, all threads together (never below timeout_s + 1)
+    run_cpu_s: float = 60.0  # CPU seconds of a test run, all threads together (keep it >= timeout_s)
 
 
 # --------------------------------------------------------------------------------------- wandb

@@ -1,7 +1,7 @@
 """Evaluation: problems, brace stop, pass@k, batched vs naive execution, generation end to end.
 
-Needs rustc (skipped without it). About 30 s on 2 cores; the hostile-sample tests live in
-test_evaluate_sandbox.py.
+Needs rustc (skipped without it). About 30 s on 2 cores; hostile samples and batched-vs-alone
+verdicts live in test_evaluate_integrity.py, the sandbox and run limits in test_evaluate_sandbox.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from sigil_exp.evaluate import (
     run_evaluation,
     write_completions,
 )
-from sigil_exp.evaluate.bench import bench_samples
 from sigil_exp.evaluate.execute import ExecConfig, Sample, check_problems, execute, find_toolchain
 from sigil_exp.evaluate.generate import GenConfig, extract_completion, make_stopping_criteria
 from sigil_exp.evaluate.metrics import compute_metrics, pass_at_k
@@ -165,7 +164,7 @@ def test_every_canonical_passes_and_wrong_bodies_fail(problems, sandbox):
     results = execute(samples, ExecConfig(timeout_s=5), sandbox)
     by_kind = {k: [r for r in results if r.sample_idx == k] for k in range(3)}
     assert [r.task_id for r in by_kind[0] if r.verdict != "pass"] == []
-    assert all(r.verdict == "test_failure" for r in by_kind[1])
+    assert all((r.verdict, r.reason) == ("test_failure", "test_failed") for r in by_kind[1])
     assert all(r.verdict in ("compile_error", "test_failure") for r in by_kind[2])
     assert any("E0308" in r.error_codes for r in by_kind[2])
     assert {r.path for r in results} == {"batch"}
@@ -178,25 +177,6 @@ def test_check_problems_reports_a_broken_canonical(problems, sandbox):
     failures = check_problems([problems[0], broken], ExecConfig(), sandbox)
     assert [f.task_id for f in failures] == ["broken/0"]
     assert "test_failure" in failures[0].reason
-
-
-@needs_rustc
-def test_fast_path_verdicts_equal_naive(problems, sandbox):
-    """Canonical, todo!(), wrong type, operator flip and an undefined name, plus samples that must
-    not share a crate (line!(), an inner attribute, a `super::` path): same verdicts and codes."""
-    picked = [problems[i] for i in (0, 9, 17, 22, 38, 55)]
-    samples = bench_samples(picked, per_problem=5)
-    p = picked[0]
-    samples += [Sample.of(p, "    let _ = line!();\n    v.iter().filter(|x| *x % 2 != 0).map(|x| x * x).sum()\n}\n", 7),
-                Sample.of(p, "    #![allow(unused)]\n    v.iter().map(|x| x * x).sum()\n}\n", 8),
-                Sample.of(p, "    super::helper()\n}\nfn helper() -> i64 { 0 }\n", 9),
-                Sample.of(p, "    0\n}}\n", 10)]  # an extra brace: not self-contained
-    naive = execute(samples, ExecConfig(batch_size=1, timeout_s=3), sandbox)
-    fast = execute(samples, ExecConfig(batch_size=16, timeout_s=3), sandbox)
-    assert [(r.verdict, r.error_codes) for r in fast] == [(r.verdict, r.error_codes) for r in naive]
-    assert Counter(r.verdict for r in naive).keys() >= {"pass", "test_failure", "compile_error"}
-    paths = Counter(r.path for r in fast)
-    assert paths["batch"] >= 25 and paths["naive"] == 4  # the last four took the single-crate path
 
 
 # ------------------------------------------------------------------------------ generation
@@ -317,9 +297,10 @@ def LlamaFromDir(path):  # noqa: N802 - reads like the class it loads
 @needs_rustc
 @pytest.mark.slow
 def test_bench_fast_path_agrees_with_naive_on_200_samples(capsys):
-    """`python -m sigil_exp.evaluate.bench`: identical verdicts and error codes, and faster."""
+    """`python -m sigil_exp.evaluate.bench`: identical verdicts, reasons and error codes, hostile
+    samples included, and faster."""
     from sigil_exp.evaluate.bench import main as bench_main
 
     summary = bench_main(["--json", "--timeout-s", "2"])
-    assert summary["samples"] == 200 and summary["verdict_agreement"] == "200/200"
+    assert summary["samples"] == 224 and summary["verdict_agreement"] == "224/224"
     assert summary["fast_samples_per_min"] > summary["naive_samples_per_min"]

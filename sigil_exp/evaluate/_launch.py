@@ -18,7 +18,8 @@ With namespaces (spec["ns"]):
         the namespace dies, and all are reaped before the next command starts.
     When init exits (or the launcher is killed) the kernel kills whatever is left in the pid ns.
 Without namespaces the launcher itself plays init (a child subreaper): after each command it
-kills every descendant it finds in /proc until none is left.
+kills every process of the sandbox uid at once (when it dropped root to one), then every
+descendant it finds in /proc until none is left.
 
 Results go to `results.jsonl` in the logs dir, one line per finished command (exit status,
 timeout, CPU seconds, peak RSS, stdout/stderr sizes, whether the tmpfs filled up); stdout/stderr
@@ -120,6 +121,8 @@ def _exec_target(cmd, cwd, uid, out_fd, err_fd, status_fd, new_ipc):
     """In the forked target: stdio, limits, privileges, exec. Never returns."""
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; an exec'd program must not
+            signal.signal(sig, signal.SIG_DFL)
         os.setpgid(0, 0)
         if new_ipc:  # SysV IPC objects outlive their process: none may pass to the next command
             _check(libc.unshare(CLONE_NEWIPC), "unshare ipc")
@@ -182,6 +185,21 @@ def _descendants(root):
     return found
 
 
+def _kill_uid(uid):
+    """kill(-1, SIGKILL) as `uid`: every process of that uid dies in one pass of the kernel's
+    task list, which new forks cannot outrun (killing pid by pid, a fork bomb can)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.kill(-1, signal.SIGKILL)  # never the caller itself
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
 def _cleanup(spec):
     """Kill and reap everything the last command left behind."""
     if spec["ns"]:
@@ -192,6 +210,8 @@ def _cleanup(spec):
                 pass
         _reap_all()
         return
+    if spec.get("uid") is not None:  # the sandbox uid's own processes: all of them, at once
+        _kill_uid(spec["uid"])
     me = os.getpid()
     for _ in range(200):  # the launcher is a child subreaper: orphans come back to it
         left = _descendants(me)

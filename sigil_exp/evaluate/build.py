@@ -83,7 +83,7 @@ class ExecConfig:
     run_threads: int = 256  # RLIMIT_NPROC of a test run
     run_output_mb: int = 64  # RLIMIT_FSIZE of a test run (stdout/stderr included)
     run_disk_mb: int = 256  # tmpfs quota of a test run's private directory (namespaces)
-    run_cpu_s: float = 60.0  # RLIMIT_CPU of a test run (never below timeout_s + 1)
+    run_cpu_s: float = 60.0  # RLIMIT_CPU of a test run (all threads)
     allow_root: bool = False  # rlimits level as root with rustc unable to drop root: run it anyway
     codegen_units: int = 4
 

@@ -111,11 +111,12 @@ class _Progress:
             self.last = now
             self.emit(f"compile/test: {self.done}/{self.total} samples, {crates_left} crates left")
 
-    def close(self) -> None:
+    def close(self, rustc_runs: int) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.emit:
-            self.emit(f"compile/test: {self.total} samples in {time.perf_counter() - self.t0:.1f}s")
+            self.emit(f"compile/test: {self.total} samples in {time.perf_counter() - self.t0:.1f}s "
+                      f"({rustc_runs} rustc runs)")
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -171,7 +172,7 @@ def execute(samples: list[Sample], cfg: ExecConfig, sandbox: Sandbox, toolchain:
                                for c in _chunks(retry, alone_chunk(len(retry)))}
                     runs |= {pool.submit(_run_many, ctx, c) for c in _chunks(runnable, run_chunk)}
                     bar.add(len(built) - len(runnable), len(builds))
-        bar.close()
+        bar.close(rustc_runs=next(ctx.counter))  # one build directory per rustc run
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
     finally:

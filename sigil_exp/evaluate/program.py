@@ -26,7 +26,8 @@ on the whole binary (`global_asm!`/`asm!` constructors, `#[link_section]`, `#[no
 `#[export_name]` symbols, `extern` blocks and crates, allocators, panic handlers), anything that
 behaves differently inside a module (inner attributes, `super::`, `line!`, `type_name`, panic
 locations, `crate` used other than as a path start), lint levels (`deny`/`forbid`), file
-inclusion, and the harness's own names (`sigil_`).
+inclusion, the harness's own names (`sigil_`), and delimiters that are unbalanced (they would
+reach into a crate-mate) or nested deeper than MAX_NESTING (a known way to crash rustc).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ import secrets
 from dataclasses import dataclass
 
 from sigil_exp.data.rust import code_view
-from sigil_exp.evaluate.rust_lex import is_self_contained
+from sigil_exp.evaluate.rust_lex import nesting_depth
 
 MODULE = "sigil_s{:05d}"
 SENTINEL = "\u03c9sigil_"  # 'ω' sorts after every ASCII name
+MAX_NESTING = 64  # deeper delimiter nesting can overflow rustc's stack: compiled alone, not in a crate
 _UNSAFE = re.compile(r"""
       \#\s*!\s*\[                                   # inner attributes: crate/module level
     | \bsuper\b | \bpub\s*\(\s*in\b                 # paths relative to the enclosing module
@@ -106,7 +108,8 @@ def batch_safe(prompt: str, completion: str, test: str) -> bool:
     if _UNSAFE.search(own) or "sigil_" in test:
         return False
     src = joined_source(prompt, completion, test)
-    return is_self_contained(src) and _crate_paths(src) is not None
+    depth = nesting_depth(src)
+    return depth is not None and depth <= MAX_NESTING and _crate_paths(src) is not None
 
 
 def _crate_paths(src: str) -> list[int] | None:
@@ -141,7 +144,7 @@ def harden_tests(test: str, std_alias: str) -> str:
     return out
 
 
-def test_names(test: str) -> list[str]:
+def libtest_names(test: str) -> list[str]:
     """libtest names (`tests::test_add`) of the `#[test]` functions in `test` that libtest will
     run (not `#[ignore]`d), derived from the source: module nesting and function names."""
     view = code_view(test)
@@ -176,7 +179,7 @@ def build_program(prompt: str, completion: str, test: str, std_alias: str, modul
     root form (None). Module-form texts need crate_footer(std_alias) once per crate; root-form
     texts include it."""
     tests = harden_tests(test, std_alias)
-    expected = test_names(tests)
+    expected = libtest_names(tests)
     joined = joined_source(prompt, completion, tests)
     sentinel = _sentinel_name(joined)
     src = f"{joined}\n#[cfg(test)]\n#[test]\nfn {sentinel}() {{}}\n"

@@ -50,17 +50,25 @@ def truncate_body(completion: str) -> str:
 _PAIRS = {")": "(", "]": "[", "}": "{"}
 
 
-def is_self_contained(text: str) -> bool:
-    """Every `(`, `[` and `{` closed, in order, inside `text`, and no unterminated literal or
-    comment: rustc's token trees then cannot reach across its ends (into a crate-mate)."""
+def nesting_depth(text: str) -> int | None:
+    """The deepest nesting of `(`, `[` and `{` in `text`, or None unless every one is closed, in
+    order, inside `text` with no unterminated literal or comment (then rustc's token trees
+    cannot reach across its ends, into a crate-mate)."""
     view, unterminated = scan_view(text)
     if unterminated:
-        return False
+        return None
     stack: list[str] = []
+    deepest = 0
     for c in view:
         if c in "([{":
             stack.append(c)
+            deepest = max(deepest, len(stack))
         elif c in _PAIRS:
             if not stack or stack.pop() != _PAIRS[c]:
-                return False
-    return not stack
+                return None
+    return None if stack else deepest
+
+
+def is_self_contained(text: str) -> bool:
+    """Every delimiter closed in order inside `text` (see nesting_depth)."""
+    return nesting_depth(text) is not None

@@ -23,6 +23,7 @@ strongest level this machine offers (chosen once by `detect_sandbox`, recorded i
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -63,8 +64,8 @@ def run_limits(timeout_s: float, mem_mb: int = 4096, threads: int = 256, output_
                cpu_s: float = 0.0) -> Limits:
     """A test run: memory counts what the program really maps for itself (RLIMIT_DATA), with the
     address space (which also counts malloc arenas and thread-stack reservations) only as a
-    loose backstop; CPU time never below the wall-clock timeout."""
-    return Limits(wall_s=timeout_s, cpu_s=int(max(cpu_s, timeout_s + 1)), nproc=threads, fsize_mb=output_mb,
+    loose backstop. cpu_s=0: the wall-clock timeout + 1 s."""
+    return Limits(wall_s=timeout_s, cpu_s=math.ceil(cpu_s or timeout_s + 1), nproc=threads, fsize_mb=output_mb,
                   data_mb=mem_mb, as_mb=2 * mem_mb + 4096, disk_mb=disk_mb, log_cap=OUTPUT_READ_CAP)
 
 
@@ -300,6 +301,9 @@ def _rlimits_level(root: bool, uid_base: int) -> Sandbox:
     sb = Sandbox(level="rlimits", drop_uid=root, uid_base=uid_base)
     if not root:
         return sb
-    probe = run_sandboxed(sb, [find_toolchain().rustc, "--version"], None, compile_limits(60.0))
-    return sb if probe.returncode == 0 else Sandbox(level="rlimits", drop_uid=True, uid_base=uid_base,
+    try:
+        ok = run_sandboxed(sb, [find_toolchain().rustc, "--version"], None, compile_limits(60.0)).returncode == 0
+    except SandboxError:  # exec refused: the uid cannot reach the toolchain
+        ok = False
+    return sb if ok else Sandbox(level="rlimits", drop_uid=True, uid_base=uid_base,
                                                     rustc_as_root=True)
