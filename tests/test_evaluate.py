@@ -107,6 +107,12 @@ def test_metrics_names_and_rates():
                  error_codes=["E0308"] if v == "compile_error" else [])
           for i, v in enumerate(["pass", "pass", "test_failure", "compile_error", "timeout"])]
     rs += [Result("b", "y", i, "", "compile_error", stage="compile", error_codes=["E0425", "E0308"]) for i in range(5)]
+    rs[2].reason, rs[4].reason = "harness_bypassed", "test_timeout"
+    rs.append(Result("c", "y", 0, "", "resource_limit", reason="memory", stage="run"))
+    m = compute_metrics(rs)
+    assert m["eval/rate/resource_limit"] == pytest.approx(1 / 11)
+    assert (m["eval/failures/harness_bypassed"], m["eval/failures/memory"], m["eval/failures/test_timeout"]) == (1, 1, 1)
+    rs.pop()
     m = compute_metrics(rs)
     assert m["eval/compile_rate"] == pytest.approx(0.4)
     assert m["eval/pass@1"] == pytest.approx(0.2)  # mean over problems of c/n: (2/5 + 0) / 2

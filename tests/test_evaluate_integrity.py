@@ -143,6 +143,11 @@ EXPECTED = {  # hostile completion -> (verdict, reason), whatever path it takes
     "link_section_constructor": ("test_failure", "harness_bypassed"), "read_own_binary": ("test_failure", "test_failed"),
     "crate_path": ("pass", ""), "dollar_crate_path": ("pass", ""),
 }
+MULTIPL_E_PROMPT = "fn has_zero(v: Vec<i32>) -> bool {\n"
+MULTIPL_E_TEST = ("}\n\nfn main() {\n    let candidate = has_zero;\n    assert_eq!(candidate(vec![1, 0]), true);\n"
+                  "    assert_eq!(candidate(vec![1]), false);\n}\n")
+MULTIPL_E = {"    v.contains(&0)\n}\n": ("pass", ""), "    false\n}\n": ("test_failure", "test_failed"),
+             "    std::process::exit(0)\n}\n": ("test_failure", "harness_bypassed")}
 ISOLATED = {"core_redirected", "asm_constructor", "link_section_constructor"}  # never share a crate
 
 
@@ -158,6 +163,8 @@ def both_paths():
                 Sample.of(p, "    #![allow(unused)]\n    v.iter().map(|x| x * x).sum()\n}\n", 8),
                 Sample.of(p, "    super::helper()\n}\nfn helper() -> i64 { 0 }\n", 9),
                 Sample.of(p, "    0\n}}\n", 10)]  # an extra brace: not self-contained
+    samples += [Sample("multipl_e", "multipl_e", MULTIPL_E_PROMPT, body, MULTIPL_E_TEST, k)
+                for k, body in enumerate(MULTIPL_E)]
     sb = detect_sandbox("auto")
     fast = execute(samples, ExecConfig(timeout_s=5.0, batch_size=32), sb)
     naive = execute(samples, ExecConfig(timeout_s=5.0, batch_size=1), sb)
@@ -187,6 +194,14 @@ def test_each_attack_fails_with_its_reason(both_paths, name):
     for verdict, reason, path, tail in got:
         assert (verdict, reason) == EXPECTED[name], tail
         assert (path == "isolated") == (name in ISOLATED)
+
+
+@needs_rustc
+def test_multipl_e_tests_run_under_libtest_too(both_paths):
+    """MultiPL-E asserts in `fn main()`: run as a libtest test, so `process::exit(0)` fails there too."""
+    samples, fast, _, _ = both_paths
+    got = [(r.verdict, r.reason) for s, r in zip(samples, fast, strict=True) if s.category == "multipl_e"]
+    assert got == list(MULTIPL_E.values())
 
 
 @needs_rustc

@@ -258,3 +258,21 @@ def test_rlimits_as_root_never_compiles_as_root_unasked(tmp_path):
     else:  # rustc ran as the sandbox uid: the root-only file stayed closed
         (r,) = execute([sample], ExecConfig(), sb)
         assert r.verdict == "compile_error", r.stderr
+
+
+def test_each_command_gets_a_fresh_private_dir_and_ipc_namespace():
+    """SysV IPC objects and files outlive their process: neither may reach the next command of a
+    session (namespaces level; the rlimits level shares the host's IPC and /tmp)."""
+    from sigil_exp.evaluate.sandbox import Command, run_limits, run_session
+
+    sb = detect_sandbox("auto")
+    if sb.level != "namespaces":
+        pytest.skip(f"{sb.describe()} has no private IPC or directories")
+    lim = run_limits(10.0, disk_mb=8)
+    sh = "/bin/sh"
+    res = run_session(sb, [Command(["/usr/bin/ipcmk", "-Q"], lim), Command(["/usr/bin/ipcs", "-q"], lim),
+                           Command([sh, "-c", "echo left > f; pwd"], lim), Command([sh, "-c", "ls; pwd"], lim),
+                           Command([sh, "-c", "head -c 20000000 /dev/zero > big; echo $?"], lim)])
+    assert "Message queue id" in res[0].stdout and "0x" not in res[1].stdout  # the queue stayed behind
+    assert res[3].stdout.split() == [res[2].stdout.strip()]  # same mount point, empty again
+    assert res[4].stdout.strip() != "0" and res[4].disk_full  # 20 MB do not fit in eval.run_disk_mb=8

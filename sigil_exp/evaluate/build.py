@@ -261,7 +261,7 @@ def build_alone(ctx: Ctx, units: list[Unit]) -> list[Built]:
 
 def crate_budget(ctx: Ctx, n: int) -> float:
     """Seconds a crate of n samples may take before its samples are compiled alone instead."""
-    return min(ctx.cfg.compile_timeout_s, 10.0 + 0.5 * n)
+    return min(ctx.cfg.compile_timeout_s, 5.0 + 0.25 * n)
 
 
 def build_crate(ctx: Ctx, units: list[Unit]) -> tuple[list[Built], list[Unit]]:
