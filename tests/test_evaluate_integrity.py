@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sigil_exp.evaluate.bench import HOSTILE, bench_samples, hostile_samples
+from sigil_exp.evaluate.bench import HOSTILE, SLOW_MACRO, bench_samples, hostile_samples
 from sigil_exp.evaluate.execute import ExecConfig, Sample, execute
 from sigil_exp.evaluate.problems import load_problems
 from sigil_exp.evaluate.program import batch_safe, build_program, harden_tests, libtest_names
@@ -217,13 +217,11 @@ def test_crate_paths_pass_batched_as_alone_and_at_the_root(both_paths):
 @pytest.mark.slow
 def test_a_slow_build_costs_one_crate_build_plus_its_samples():
     """A crate whose rustc fails for no module's error (here: over its time budget, a macro that
-    expands 2^26 times) is not split log2(n) times: each of its samples is compiled alone, once.
+    expands 2^28 times) is not split log2(n) times: each of its samples is compiled alone, once.
     About 12 s."""
     problems = load_problems("pkg://assets/rust_problems.jsonl", 7)
     samples = [Sample.of(p, p.canonical_solution) for p in problems]
-    slow = ("    macro_rules! m { () => {}; (x $($t:tt)*) => { m!($($t)*); m!($($t)*); } }\n"
-            "    m!(" + "x " * 26 + ");\n" + problems[0].canonical_solution)
-    samples.insert(3, Sample.of(problems[0], slow, 1))
+    samples.insert(3, Sample.of(problems[0], SLOW_MACRO + problems[0].canonical_solution, 1))
     lines: list[str] = []
     results = execute(samples, ExecConfig(timeout_s=5.0, compile_timeout_s=3.0, workers=1), detect_sandbox("auto"),
                       progress=lines.append)

@@ -3,6 +3,7 @@ over the same samples, with the verdict agreement between the two.
 
     python -m sigil_exp.evaluate.bench                      # 224 samples from the bundled problems
     python -m sigil_exp.evaluate.bench --per-problem 5 --workers 2 --hostile 4
+    python -m sigil_exp.evaluate.bench --slow-crate --limit 32 --compile-timeout-s 20   # one build never ends
 
 The samples per problem: the canonical solution, `todo!()`, a wrong-type body `()`, an
 operator flip of the canonical solution, and (with --per-problem 5) an undefined name; plus,
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from sigil_exp.evaluate.execute import ExecConfig, Result, Sample, Toolchain, execute, find_toolchain
@@ -121,6 +123,17 @@ def _timed(samples: list[Sample], cfg: ExecConfig, sb, tc) -> tuple[list[Result]
     return results, time.perf_counter() - t0
 
 
+SLOW_MACRO = ("    macro_rules! m { () => {}; (x $($t:tt)*) => { m!($($t)*); m!($($t)*); } }\n"
+              "    m!(" + "x " * 28 + ");\n")  # 2^28 expansions: rustc runs into any timeout
+
+
+def slow_crate(problems: list[Problem]) -> list[Sample]:
+    """Canonical solutions with one sample (the 6th) whose build never finishes in time."""
+    samples = [Sample.of(p, p.canonical_solution) for p in problems if p.canonical_solution]
+    samples[5] = Sample.of(problems[0], SLOW_MACRO + problems[0].canonical_solution, 1)
+    return samples
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m sigil_exp.evaluate.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="pkg://assets/rust_problems.jsonl")
@@ -133,15 +146,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sandbox", default="auto")
     ap.add_argument("--timeout-s", type=float, default=10.0, help="per test run (eval.timeout_s)")
     ap.add_argument("--plain", action="store_true", help="also time the naive loop without any sandbox (reference)")
+    ap.add_argument("--slow-crate", action="store_true", help="instead: --limit canonical solutions, one of them "
+                    "replaced by a sample whose build never ends (what one rustc-crashing or very slow sample costs)")
+    ap.add_argument("--compile-timeout-s", type=float, default=60.0, help="per rustc (eval.compile_timeout_s)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
 
     problems = load_problems(args.problems, args.limit)
-    samples = bench_samples(problems, args.per_problem) + hostile_samples(problems[:args.hostile])
+    if args.slow_crate:
+        samples = slow_crate(problems)
+    else:
+        samples = bench_samples(problems, args.per_problem) + hostile_samples(problems[:args.hostile])
     sb, tc = detect_sandbox(args.sandbox), find_toolchain()
-    naive, t_naive = _timed(samples, ExecConfig(workers=args.workers, batch_size=1, timeout_s=args.timeout_s), sb, tc)
-    fast, t_fast = _timed(samples, ExecConfig(workers=args.workers, batch_size=args.batch_size,
-                                              timeout_s=args.timeout_s), sb, tc)
+    cfg = ExecConfig(workers=args.workers, timeout_s=args.timeout_s, compile_timeout_s=args.compile_timeout_s)
+    naive, t_naive = _timed(samples, replace(cfg, batch_size=1), sb, tc)
+    fast, t_fast = _timed(samples, replace(cfg, batch_size=args.batch_size), sb, tc)
     same = [(a.verdict, a.reason, a.error_codes) == (b.verdict, b.reason, b.error_codes)
             for a, b in zip(naive, fast, strict=True)]
     summary = {

@@ -1,23 +1,28 @@
 """Run untrusted programs (rustc on generated code, then the test binary) in a sandbox.
 
 A session (`run_session`) runs commands one after another; each is its own process in its own
-process group with its own wall-clock timeout, rlimits (CPU time, address space, processes,
+process group with its own wall-clock timeout, rlimits (`Limits`: CPU time, memory, processes,
 file size, no core files), stdin from /dev/null, stdout/stderr to files outside the sandbox
-(capped by RLIMIT_FSIZE, read back capped), a scrubbed environment with HOME and TMPDIR in its
-own directory, and nothing it started survives into the next command. The launcher that does
-this (`_launch.py`) is a fresh single-threaded process per session. On top of that, the
-strongest level this machine offers (chosen once by `detect_sandbox`, recorded in the results):
+(capped by RLIMIT_FSIZE; a test run's cut to its first and last 32 KiB), a scrubbed environment
+with HOME and TMPDIR in its own directory, and nothing it started survives into the next
+command. The launcher that does this (`_launch.py`) is a fresh single-threaded process per
+session. On top of that, the strongest level this machine offers (chosen once by
+`detect_sandbox`, recorded in the results):
 
 - ``namespaces``: new mount, network, pid, ipc and uts namespaces (and a user namespace when
-  not root). Commands see a fresh root holding read-only /usr, /etc, /bin, /lib, the Rust
-  toolchain (compile) or the test binary (run), their own directory read-write and an empty
-  private /tmp: no home directories, no other samples, no host /tmp, no network (only a down
-  loopback), no host processes. After each command every process left in the pid namespace is
-  killed. As root, commands also drop to a uid of their own (one per concurrent slot), which
-  makes RLIMIT_NPROC apply (root ignores it) without one slot's fork bomb starving another.
+  not root), and an ipc namespace per command. Commands see a fresh root holding read-only
+  /usr, /etc, /bin, /lib, the Rust toolchain (compile) or the test binary (run), an empty
+  read-only /tmp and their own writable directory (a test run's: a fresh tmpfs of
+  `Limits.disk_mb`): no home directories, no other samples, no host /tmp, no network (only a
+  down loopback), no host processes. After each command every process left in the pid
+  namespace is killed. As root, commands also drop to a uid of their own (one per concurrent
+  slot), which makes RLIMIT_NPROC apply (root ignores it) without one slot's fork bomb
+  starving another.
 - ``rlimits``: the fallback when namespaces are not allowed (e.g. an unprivileged container):
-  rlimits, the per-slot uid drop when root, and a kill of every descendant after each command.
-  No network or filesystem isolation; results record the level so they can be told apart.
+  rlimits, the per-slot uid drop when root (rustc too, if that uid can run the toolchain; if not,
+  `check_root_compile` refuses unless eval.sandbox_allow_root), and a kill of every process of
+  that uid and every descendant after each command. No network, filesystem or IPC isolation;
+  results record the level so they can be told apart.
 """
 
 from __future__ import annotations
@@ -187,7 +192,7 @@ def run_session(sb: Sandbox, commands: list[Command], slot: int = 0, ro: tuple[s
                 rw: tuple[str, ...] = (), drop_uid: bool = True, full_stderr: int = 0) -> list[ProcResult]:
     """Run `commands` one after another in one sandbox (see the module docstring). `ro`/`rw`
     add host paths visible inside (namespaces level); a command's `cwd` must lie under `rw`.
-    `drop_uid=False` keeps the caller's uid (the `rlimits` level compiles so: the sandbox uid
+    `drop_uid=False` keeps the caller's uid (rustc at the `rlimits` level when the sandbox uid
     could not read a toolchain under /root there)."""
     logs = Path(tempfile.mkdtemp(prefix="sigil_logs_"))  # host-side, outside anything a command sees
     scratch = Path(tempfile.mkdtemp(prefix="sigil_scratch_"))  # parent of the fresh per-command dirs
