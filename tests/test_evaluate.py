@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -152,6 +153,21 @@ def test_malformed_problem_file_names_file_and_line(tmp_path):
     assert (p.task_id, p.entry_point, p.category) == ("HumanEval_0", "has_zero", "uncategorized")
 
 
+def test_run_limit_keys_reach_the_executor():
+    from omegaconf import OmegaConf
+
+    from sigil_exp.evaluate import exec_config
+    from tests.conftest import compose_cfg
+
+    cfg = OmegaConf.to_object(compose_cfg("eval.run_mem_mb=2048", "eval.run_threads=64", "eval.run_output_mb=8",
+                                          "eval.run_disk_mb=32", "eval.run_cpu_s=5", "eval.sandbox_allow_root=true"))
+    ex = exec_config(cfg.eval)
+    assert (ex.run_mem_mb, ex.run_threads, ex.run_output_mb, ex.run_disk_mb, ex.run_cpu_s, ex.allow_root) == \
+        (2048, 64, 8, 32, 5.0, True)
+    with pytest.raises(SigilError, match=r"eval\.run_threads=0 must be a positive integer"):
+        exec_config(EvalConfig(run_threads=0))
+
+
 def test_missing_rustc_is_one_sentence_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -167,7 +183,11 @@ def test_every_canonical_passes_and_wrong_bodies_fail(problems, sandbox):
     for p in problems:
         samples += [Sample.of(p, p.canonical_solution, 0), Sample.of(p, "    todo!()\n}\n", 1),
                     Sample.of(p, "    ()\n}\n", 2)]
-    results = execute(samples, ExecConfig(timeout_s=5), sandbox)
+    lines: list[str] = []
+    results = execute(samples, ExecConfig(timeout_s=5), sandbox, progress=lines.append)
+    # off a terminal: a few progress lines, then the total
+    assert 2 <= len(lines) <= 6 and re.fullmatch(r"compile/test: \d+/186 samples, \d+ crates left", lines[0])
+    assert re.fullmatch(r"compile/test: 186 samples in [\d.]+s \(\d+ rustc runs\)", lines[-1])
     by_kind = {k: [r for r in results if r.sample_idx == k] for k in range(3)}
     assert [r.task_id for r in by_kind[0] if r.verdict != "pass"] == []
     assert all((r.verdict, r.reason) == ("test_failure", "test_failed") for r in by_kind[1])
