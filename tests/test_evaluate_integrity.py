@@ -153,9 +153,10 @@ ISOLATED = {"core_redirected", "asm_constructor", "link_section_constructor"}  #
 
 @pytest.fixture(scope="module")
 def both_paths():
-    """Hostile completions on two problems and mutated ones on four more, batched and naive."""
+    """Hostile completions on one problem (the slow bench test runs them on two), mutated ones
+    on three more, and a few that must not share a crate; batched and naive."""
     problems = load_problems("pkg://assets/rust_problems.jsonl")
-    samples = hostile_samples([problems[0], problems[13]]) + bench_samples([problems[i] for i in (5, 22, 38, 55)], 5)
+    samples = hostile_samples([problems[0]]) + bench_samples([problems[i] for i in (22, 38, 55)], 5)
     samples.append(Sample.of(problems[0], "    use crate::sum_of_odd_squares as _;\n"
                              + problems[0].canonical_solution + "// extern: forces the root form\n", 99))
     p = problems[0]  # samples that must not share a crate, each for its own reason
@@ -190,7 +191,7 @@ def test_each_attack_fails_with_its_reason(both_paths, name):
     got = [(r.verdict, r.reason, r.path, r.stderr[-200:]) for s, r in zip(samples, fast, strict=True) if s.category == f"hostile/{name}"]
     if name == "read_own_binary" and not sb.drop_uid:
         pytest.skip("without a sandbox uid the test binary belongs to the caller, who may read it")
-    assert len(got) == 2
+    assert len(got) == 1
     for verdict, reason, path, tail in got:
         assert (verdict, reason) == EXPECTED[name], tail
         assert (path == "isolated") == (name in ISOLATED)
