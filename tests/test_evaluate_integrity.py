@@ -141,6 +141,7 @@ EXPECTED = {  # hostile completion -> (verdict, reason), whatever path it takes
     "core_redirected": ("test_failure", "test_failed"), "forged_summary": ("test_failure", "harness_bypassed"),
     "forged_test_lines": ("test_failure", "harness_bypassed"), "asm_constructor": ("test_failure", "harness_bypassed"),
     "link_section_constructor": ("test_failure", "harness_bypassed"), "read_own_binary": ("test_failure", "test_failed"),
+    "read_sources": ("test_failure", "test_failed"),
     "crate_path": ("pass", ""), "dollar_crate_path": ("pass", ""),
 }
 MULTIPL_E_PROMPT = "fn has_zero(v: Vec<i32>) -> bool {\n"

@@ -1,7 +1,7 @@
 """Execution throughput: the naive one-rustc-per-sample loop against the batched fast path,
 over the same samples, with the verdict agreement between the two.
 
-    python -m sigil_exp.evaluate.bench                      # 224 samples from the bundled problems
+    python -m sigil_exp.evaluate.bench                      # 226 samples from the bundled problems
     python -m sigil_exp.evaluate.bench --per-problem 5 --workers 2 --hostile 4
     python -m sigil_exp.evaluate.bench --slow-crate --limit 32 --compile-timeout-s 20   # one build never ends
 
@@ -68,6 +68,8 @@ HOSTILE = {  # name -> completion for a problem: attacks return a wrong answer, 
     "link_section_constructor": lambda p: WRONG + "extern \"C\" fn bye() { std::process::exit(0) }\n#[used]\n"
     "#[link_section = \".init_array\"]\nstatic CTOR: extern \"C\" fn() = bye;\n",
     "read_own_binary": lambda p: "    let _ = std::fs::read(std::env::current_exe().unwrap()).unwrap();\n" + p.canonical_solution,
+    "read_sources": lambda p: ("    let _ = std::fs::read(std::env::current_exe().unwrap().with_file_name(\"main.rs\")).unwrap();\n"
+                               + p.canonical_solution),
     "crate_path": lambda p: f"    use crate::{p.entry_point} as _;\n" + p.canonical_solution,
     "dollar_crate_path": lambda p: (f"    macro_rules! m {{ () => {{ use $crate::{p.entry_point} as _; }} }}\n    m!();\n"
                                     + p.canonical_solution),
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=50, help="problems to use (default 50: 200 samples)")
     ap.add_argument("--per-problem", type=int, default=4, choices=range(1, 6))
     ap.add_argument("--hostile", type=int, default=2, help=f"problems that also get the {len(HOSTILE)} hostile "
-                    "completions (default 2: 24 samples)")
+                    "completions (default 2: 26 samples)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32, help="samples per crate on the fast path")
     ap.add_argument("--sandbox", default="auto")
