@@ -149,14 +149,14 @@ def execute(samples: list[Sample], cfg: ExecConfig, sandbox: Sandbox, toolchain:
     # soon as their crate is built so they overlap the remaining compiles
     run_chunk = 1 if naive else RUN_CHUNK
 
-    def alone_chunk(n: int) -> int:
-        return 1 if naive else min(8, math.ceil(n / workers))
+    def alone_jobs(pool: ThreadPoolExecutor, units: list[Unit]) -> set[Future]:
+        """Build `units` alone, a few per session (one each on the naive path), spread over the workers."""
+        size = 1 if naive else min(8, math.ceil(len(units) / workers))
+        return {pool.submit(lambda us: (build_alone(ctx, us), []), c) for c in _chunks(units, size)}
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            builds: set[Future] = {pool.submit(build_crate, ctx, c) for c in crates}
-            builds |= {pool.submit(lambda us: (build_alone(ctx, us), []), c)
-                       for c in _chunks(alone, alone_chunk(len(alone)))}
+            builds: set[Future] = {pool.submit(build_crate, ctx, c) for c in crates} | alone_jobs(pool, alone)
             runs: set[Future] = set()
             while builds or runs:
                 done, _ = wait(builds | runs, return_when=FIRST_COMPLETED)
@@ -168,8 +168,7 @@ def execute(samples: list[Sample], cfg: ExecConfig, sandbox: Sandbox, toolchain:
                     builds.discard(fut)
                     built, retry = fut.result()
                     runnable = _collect(built, results)
-                    builds |= {pool.submit(lambda us: (build_alone(ctx, us), []), c)
-                               for c in _chunks(retry, alone_chunk(len(retry)))}
+                    builds |= alone_jobs(pool, retry)
                     runs |= {pool.submit(_run_many, ctx, c) for c in _chunks(runnable, run_chunk)}
                     bar.add(len(built) - len(runnable), len(builds))
         bar.close(rustc_runs=next(ctx.counter))  # one build directory per rustc run
