@@ -193,7 +193,12 @@ class EvalConfig:
     compile_timeout_s: float = 60.0  # per rustc invocation (wall clock)
     crate_size: int = 32  # samples compiled together as one crate; 1 = one rustc per sample (slower)
     sandbox: str = "auto"  # auto (strongest available) | namespaces | rlimits
-    run_mem_mb: int = 1024  # address-space limit of a test run
+    sandbox_allow_root: bool = False  # rlimits level as root where rustc cannot drop root: run it as root anyway
+    run_mem_mb: int = 4096  # memory of a test run: heap + private mappings + thread stacks (RLIMIT_DATA)
+    run_threads: int = 256  # processes + threads of a test run (RLIMIT_NPROC, per sandbox uid)
+    run_output_mb: int = 64  # largest file a test run writes, its stdout/stderr included (RLIMIT_FSIZE)
+    run_disk_mb: int = 256  # private writable dir of a test run, also its /tmp (a tmpfs; namespaces level)
+    run_cpu_s: float = 60.0  # CPU seconds of a test run, all threads together (keep it >= timeout_s)
 
 
 # --------------------------------------------------------------------------------------- wandb

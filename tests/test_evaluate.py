@@ -1,13 +1,14 @@
 """Evaluation: problems, brace stop, pass@k, batched vs naive execution, generation end to end.
 
-Needs rustc (skipped without it). About 30 s on 2 cores; the hostile-sample tests live in
-test_evaluate_sandbox.py.
+Needs rustc (skipped without it). About 30 s on 2 cores; hostile samples and batched-vs-alone
+verdicts live in test_evaluate_integrity.py, the sandbox and run limits in test_evaluate_sandbox.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,6 @@ from sigil_exp.evaluate import (
     run_evaluation,
     write_completions,
 )
-from sigil_exp.evaluate.bench import bench_samples
 from sigil_exp.evaluate.execute import ExecConfig, Sample, check_problems, execute, find_toolchain
 from sigil_exp.evaluate.generate import GenConfig, extract_completion, make_stopping_criteria
 from sigil_exp.evaluate.metrics import compute_metrics, pass_at_k
@@ -108,6 +108,12 @@ def test_metrics_names_and_rates():
                  error_codes=["E0308"] if v == "compile_error" else [])
           for i, v in enumerate(["pass", "pass", "test_failure", "compile_error", "timeout"])]
     rs += [Result("b", "y", i, "", "compile_error", stage="compile", error_codes=["E0425", "E0308"]) for i in range(5)]
+    rs[2].reason, rs[4].reason = "harness_bypassed", "test_timeout"
+    rs.append(Result("c", "y", 0, "", "resource_limit", reason="memory", stage="run"))
+    m = compute_metrics(rs)
+    assert m["eval/rate/resource_limit"] == pytest.approx(1 / 11)
+    assert (m["eval/failures/harness_bypassed"], m["eval/failures/memory"], m["eval/failures/test_timeout"]) == (1, 1, 1)
+    rs.pop()
     m = compute_metrics(rs)
     assert m["eval/compile_rate"] == pytest.approx(0.4)
     assert m["eval/pass@1"] == pytest.approx(0.2)  # mean over problems of c/n: (2/5 + 0) / 2
@@ -147,6 +153,21 @@ def test_malformed_problem_file_names_file_and_line(tmp_path):
     assert (p.task_id, p.entry_point, p.category) == ("HumanEval_0", "has_zero", "uncategorized")
 
 
+def test_run_limit_keys_reach_the_executor():
+    from omegaconf import OmegaConf
+
+    from sigil_exp.evaluate import exec_config
+    from tests.conftest import compose_cfg
+
+    cfg = OmegaConf.to_object(compose_cfg("eval.run_mem_mb=2048", "eval.run_threads=64", "eval.run_output_mb=8",
+                                          "eval.run_disk_mb=32", "eval.run_cpu_s=5", "eval.sandbox_allow_root=true"))
+    ex = exec_config(cfg.eval)
+    assert (ex.run_mem_mb, ex.run_threads, ex.run_output_mb, ex.run_disk_mb, ex.run_cpu_s, ex.allow_root) == \
+        (2048, 64, 8, 32, 5.0, True)
+    with pytest.raises(SigilError, match=r"eval\.run_threads=0 must be a positive integer"):
+        exec_config(EvalConfig(run_threads=0))
+
+
 def test_missing_rustc_is_one_sentence_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -162,10 +183,14 @@ def test_every_canonical_passes_and_wrong_bodies_fail(problems, sandbox):
     for p in problems:
         samples += [Sample.of(p, p.canonical_solution, 0), Sample.of(p, "    todo!()\n}\n", 1),
                     Sample.of(p, "    ()\n}\n", 2)]
-    results = execute(samples, ExecConfig(timeout_s=5), sandbox)
+    lines: list[str] = []
+    results = execute(samples, ExecConfig(timeout_s=5), sandbox, progress=lines.append)
+    # off a terminal: a few progress lines, then the total
+    assert 2 <= len(lines) <= 6 and re.fullmatch(r"compile/test: \d+/186 samples, \d+ crates left", lines[0])
+    assert re.fullmatch(r"compile/test: 186 samples in [\d.]+s \(\d+ rustc runs\)", lines[-1])
     by_kind = {k: [r for r in results if r.sample_idx == k] for k in range(3)}
     assert [r.task_id for r in by_kind[0] if r.verdict != "pass"] == []
-    assert all(r.verdict == "test_failure" for r in by_kind[1])
+    assert all((r.verdict, r.reason) == ("test_failure", "test_failed") for r in by_kind[1])
     assert all(r.verdict in ("compile_error", "test_failure") for r in by_kind[2])
     assert any("E0308" in r.error_codes for r in by_kind[2])
     assert {r.path for r in results} == {"batch"}
@@ -178,25 +203,6 @@ def test_check_problems_reports_a_broken_canonical(problems, sandbox):
     failures = check_problems([problems[0], broken], ExecConfig(), sandbox)
     assert [f.task_id for f in failures] == ["broken/0"]
     assert "test_failure" in failures[0].reason
-
-
-@needs_rustc
-def test_fast_path_verdicts_equal_naive(problems, sandbox):
-    """Canonical, todo!(), wrong type, operator flip and an undefined name, plus samples that must
-    not share a crate (line!(), an inner attribute, a `super::` path): same verdicts and codes."""
-    picked = [problems[i] for i in (0, 9, 17, 22, 38, 55)]
-    samples = bench_samples(picked, per_problem=5)
-    p = picked[0]
-    samples += [Sample.of(p, "    let _ = line!();\n    v.iter().filter(|x| *x % 2 != 0).map(|x| x * x).sum()\n}\n", 7),
-                Sample.of(p, "    #![allow(unused)]\n    v.iter().map(|x| x * x).sum()\n}\n", 8),
-                Sample.of(p, "    super::helper()\n}\nfn helper() -> i64 { 0 }\n", 9),
-                Sample.of(p, "    0\n}}\n", 10)]  # an extra brace: not self-contained
-    naive = execute(samples, ExecConfig(batch_size=1, timeout_s=3), sandbox)
-    fast = execute(samples, ExecConfig(batch_size=16, timeout_s=3), sandbox)
-    assert [(r.verdict, r.error_codes) for r in fast] == [(r.verdict, r.error_codes) for r in naive]
-    assert Counter(r.verdict for r in naive).keys() >= {"pass", "test_failure", "compile_error"}
-    paths = Counter(r.path for r in fast)
-    assert paths["batch"] >= 25 and paths["naive"] == 4  # the last four took the single-crate path
 
 
 # ------------------------------------------------------------------------------ generation
@@ -316,10 +322,11 @@ def LlamaFromDir(path):  # noqa: N802 - reads like the class it loads
 
 @needs_rustc
 @pytest.mark.slow
-def test_bench_fast_path_agrees_with_naive_on_200_samples(capsys):
-    """`python -m sigil_exp.evaluate.bench`: identical verdicts and error codes, and faster."""
+def test_bench_fast_path_agrees_with_naive_on_226_samples(capsys):
+    """`python -m sigil_exp.evaluate.bench`: identical verdicts, reasons and error codes, hostile
+    samples included, and faster."""
     from sigil_exp.evaluate.bench import main as bench_main
 
     summary = bench_main(["--json", "--timeout-s", "2"])
-    assert summary["samples"] == 200 and summary["verdict_agreement"] == "200/200"
+    assert summary["samples"] == 226 and summary["verdict_agreement"] == "226/226"
     assert summary["fast_samples_per_min"] > summary["naive_samples_per_min"]

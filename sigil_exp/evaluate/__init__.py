@@ -47,8 +47,14 @@ TABLE_COLUMNS = ["task", "category", "completion", "verdict", "error"]
 
 
 def exec_config(ev: EvalConfig) -> ExecConfig:
+    for key in ("run_mem_mb", "run_threads", "run_output_mb", "run_disk_mb"):
+        if getattr(ev, key) < 1:
+            raise SigilError(f"eval.{key}={getattr(ev, key)} must be a positive integer; the default is "
+                             f"{getattr(EvalConfig, key)}.")
     return ExecConfig(edition=ev.edition, timeout_s=ev.timeout_s, compile_timeout_s=ev.compile_timeout_s,
-                      workers=ev.workers, batch_size=ev.crate_size, clippy=ev.clippy, run_mem_mb=ev.run_mem_mb)
+                      workers=ev.workers, batch_size=ev.crate_size, clippy=ev.clippy, run_mem_mb=ev.run_mem_mb,
+                      run_threads=ev.run_threads, run_output_mb=ev.run_output_mb, run_disk_mb=ev.run_disk_mb,
+                      run_cpu_s=ev.run_cpu_s, allow_root=ev.sandbox_allow_root)
 
 
 def gen_config(ev: EvalConfig, fmt: str) -> GenConfig:

@@ -10,15 +10,21 @@ With namespaces (spec["ns"]):
       of the system dirs and spec["ro"], spec["rw"] read-write, fresh /proc, an empty read-only
       /tmp: the only writable places are the rw binds),
       pivot_root; then for each command, in order:
-        fork -- target: own process group, rlimits, no_new_privs, the sandbox uid, execve with a
-                scrubbed env, stdout/stderr to files in the host-side logs dir
+        a fresh private working directory (commands without a cwd): a size-limited tmpfs on
+                /sandbox, unmounted after the command (the disk quota)
+        fork -- target: own process group, own ipc namespace, rlimits, no_new_privs, the sandbox
+                uid, execve with a scrubbed env, stdout/stderr to files in the host-side logs dir
         wait with the command's own wall-clock timeout; then kill(-1): every process left in
         the namespace dies, and all are reaped before the next command starts.
     When init exits (or the launcher is killed) the kernel kills whatever is left in the pid ns.
 Without namespaces the launcher itself plays init (a child subreaper): after each command it
-kills every descendant it finds in /proc until none is left.
+kills every process of the sandbox uid at once (when it dropped root to one), then every
+descendant it finds in /proc until none is left.
 
-Results go to `results.jsonl` in the logs dir, one line per finished command. Setup failures
+Results go to `results.jsonl` in the logs dir, one line per finished command (exit status,
+timeout, CPU seconds, peak RSS, stdout/stderr sizes, whether the tmpfs filled up); stdout/stderr
+of a command with a `log_cap` are cut to their first and last log_cap/2 bytes right after it, so
+a chatty program never leaves more than one file's worth on the host disk. Setup failures
 go to the status pipe (spec["status_fd"], closed on exec), so a sandboxed program cannot fake one.
 """
 
@@ -37,8 +43,10 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 SYS_PIVOT_ROOT = 155  # x86_64
-RLIMITS = {"AS": resource.RLIMIT_AS, "CPU": resource.RLIMIT_CPU, "NPROC": resource.RLIMIT_NPROC,
-           "FSIZE": resource.RLIMIT_FSIZE, "CORE": resource.RLIMIT_CORE, "NOFILE": resource.RLIMIT_NOFILE}
+PRIVATE = "/sandbox"  # namespaces: where a command's private tmpfs is mounted (its cwd, HOME, TMPDIR)
+RLIMITS = {"AS": resource.RLIMIT_AS, "DATA": resource.RLIMIT_DATA, "CPU": resource.RLIMIT_CPU,
+           "NPROC": resource.RLIMIT_NPROC, "FSIZE": resource.RLIMIT_FSIZE, "CORE": resource.RLIMIT_CORE,
+           "NOFILE": resource.RLIMIT_NOFILE}
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -85,6 +93,7 @@ def _build_root(spec):
     new = spec["newroot"]
     _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=0755")
     os.makedirs(new + "/tmp", exist_ok=True)  # read-only once the binds below are in place
+    os.makedirs(new + PRIVATE, exist_ok=True)
     _mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for path in spec["ro"]:
         if os.path.islink(path):  # /bin -> usr/bin on merged-/usr systems
@@ -108,21 +117,26 @@ def _build_root(spec):
     _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _exec_target(cmd, cwd, uid, out_fd, err_fd, status_fd):
+def _exec_target(cmd, cwd, uid, out_fd, err_fd, status_fd, new_ipc):
     """In the forked target: stdio, limits, privileges, exec. Never returns."""
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; an exec'd program must not
+            signal.signal(sig, signal.SIG_DFL)
         os.setpgid(0, 0)
+        if new_ipc:  # SysV IPC objects outlive their process: none may pass to the next command
+            _check(libc.unshare(CLONE_NEWIPC), "unshare ipc")
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
         os.chdir(cwd)
         for name, value in cmd["rlimits"].items():
-            hard = resource.getrlimit(RLIMITS[name])[1]
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)
-            resource.setrlimit(RLIMITS[name], (value, value))
+            soft, hard = value if isinstance(value, list) else (value, value)  # CPU: SIGXCPU at soft
+            limit = resource.getrlimit(RLIMITS[name])[1]
+            if limit != resource.RLIM_INFINITY:
+                soft, hard = min(soft, limit), min(hard, limit)
+            resource.setrlimit(RLIMITS[name], (soft, hard))
         _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         if uid is not None:
             os.setgroups([])
@@ -171,6 +185,21 @@ def _descendants(root):
     return found
 
 
+def _kill_uid(uid):
+    """kill(-1, SIGKILL) as `uid`: every process of that uid dies in one pass of the kernel's
+    task list, which new forks cannot outrun (killing pid by pid, a fork bomb can)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.kill(-1, signal.SIGKILL)  # never the caller itself
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
 def _cleanup(spec):
     """Kill and reap everything the last command left behind."""
     if spec["ns"]:
@@ -181,6 +210,8 @@ def _cleanup(spec):
                 pass
         _reap_all()
         return
+    if spec.get("uid") is not None:  # the sandbox uid's own processes: all of them, at once
+        _kill_uid(spec["uid"])
     me = os.getpid()
     for _ in range(200):  # the launcher is a child subreaper: orphans come back to it
         left = _descendants(me)
@@ -196,35 +227,74 @@ def _cleanup(spec):
     _reap_ready()
 
 
+def _compact(logs_fd, name, cap):
+    """Cut the file to its first and last cap/2 bytes; returns its size before."""
+    fd = os.open(name, os.O_RDWR, dir_fd=logs_fd)
+    try:
+        size = os.fstat(fd).st_size
+        if cap and size > cap:
+            half = cap // 2
+            tail = os.pread(fd, half, size - half)
+            marker = f"\n[... {size - 2 * half} bytes cut ...]\n".encode()
+            os.pwrite(fd, marker + tail, half)
+            os.ftruncate(fd, half + len(marker) + len(tail))
+        return size
+    finally:
+        os.close(fd)
+
+
+def _private_dir(spec, i, cmd):
+    """A fresh directory for a command without a cwd. With namespaces: a tmpfs of cmd["disk_mb"]
+    mounted on /sandbox (empty, in the new root); else a directory with a random name under the
+    scratch dir. Returns (path, mounted)."""
+    uid = spec.get("uid")
+    mounted = bool(spec["ns"] and cmd.get("disk_mb"))
+    if mounted:
+        cwd = PRIVATE
+        _mount("tmpfs", cwd, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cmd['disk_mb']}m,mode=0700")
+    else:
+        cwd = os.path.join(spec["scratch"], f"r{i}-{os.urandom(8).hex()}")
+        os.mkdir(cwd, 0o700)
+    if uid is not None:
+        os.chown(cwd, uid, uid)
+    return cwd, mounted
+
+
+def _release_dir(cwd):
+    """Whether the tmpfs filled up (the disk quota was hit); then unmount it."""
+    st = os.statvfs(cwd)
+    full = st.f_bavail * st.f_frsize < max(st.f_blocks * st.f_frsize // 100, 64 * 1024)
+    _check(libc.umount2(cwd.encode(), MNT_DETACH), "umount private dir")
+    return full
+
+
 def _run_command(spec, i, cmd, logs_fd, status_fd):
     uid = spec.get("uid")
     cwd = cmd.get("cwd")
-    if cwd is None:  # a fresh private directory, created just in time under a random name
-        cwd = os.path.join(spec["scratch"], f"r{i}-{os.urandom(8).hex()}")
-        os.mkdir(cwd, 0o700)
-        if uid is not None:
-            os.chown(cwd, uid, uid)
+    mounted = False
+    if cwd is None:
+        cwd, mounted = _private_dir(spec, i, cmd)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     out_fd = os.open(f"out{i}", flags, 0o600, dir_fd=logs_fd)
     err_fd = os.open(f"err{i}", flags, 0o600, dir_fd=logs_fd)
     t0 = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        _exec_target(cmd, cwd, uid, out_fd, err_fd, status_fd)
+        _exec_target(cmd, cwd, uid, out_fd, err_fd, status_fd, spec["ns"])
     os.close(out_fd)
     os.close(err_fd)
     deadline = t0 + cmd["wall_s"]
-    status, timed_out = None, False
+    status, usage, timed_out = None, None, False
     while status is None:
         while True:  # reap whatever exited (orphans included) without blocking
             try:
-                got, st = os.waitpid(-1, os.WNOHANG)
+                got, st, ru = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 got = -1
             if got <= 0:
                 break
             if got == pid:
-                status = st
+                status, usage = st, ru
                 break
         if status is not None:
             break
@@ -232,13 +302,18 @@ def _run_command(spec, i, cmd, logs_fd, status_fd):
         if remaining <= 0:
             timed_out = True
             os.kill(pid, signal.SIGKILL)  # still our unreaped child: the pid cannot be reused
-            _, status = os.waitpid(pid, 0)
+            _, status, usage = os.wait4(pid, 0)
             break
         signal.sigtimedwait([signal.SIGCHLD], min(remaining, 0.5))
     wall = time.monotonic() - t0
     _cleanup(spec)
+    disk_full = _release_dir(cwd) if mounted else False
     rc = os.waitstatus_to_exitcode(status)
-    return {"i": i, "rc": rc if rc >= 0 else 128 - rc, "timed_out": timed_out, "wall_s": wall}
+    cap = cmd.get("log_cap", 0)
+    return {"i": i, "rc": rc if rc >= 0 else 128 - rc, "timed_out": timed_out, "wall_s": wall,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_mb": usage.ru_maxrss / 1024,
+            "out_bytes": _compact(logs_fd, f"out{i}", cap), "err_bytes": _compact(logs_fd, f"err{i}", cap),
+            "disk_full": disk_full}
 
 
 def _session(spec, logs_fd, status_fd):

@@ -1,4 +1,5 @@
-"""Evaluation metrics: compile rate, unbiased pass@k, per-category rates, error-code histogram."""
+"""Evaluation metrics: compile rate, unbiased pass@k, per-category rates, failure reasons,
+error-code histogram."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from sigil_exp.evaluate.execute import Result
+from sigil_exp.evaluate.execute import VERDICTS, Result
 
 KS = (1, 5, 10)
 
@@ -52,8 +53,10 @@ def compute_metrics(results: list[Result]) -> dict[str, float]:
         if n_min >= k:
             m[f"eval/pass@{k}"] = _pass_at(results, k)
     verdicts = Counter(r.verdict for r in results)
-    for v in ("pass", "test_failure", "compile_error", "timeout"):
+    for v in VERDICTS:
         m[f"eval/rate/{v}"] = verdicts.get(v, 0) / len(results)
+    for reason, count in sorted(Counter(r.reason for r in results if r.reason and r.verdict != "compile_error").items()):
+        m[f"eval/failures/{reason}"] = float(count)  # test_failed, tests_missing, harness_bypassed, memory, ...
     clippy = [r.clippy_warnings for r in results if r.clippy_warnings is not None]
     if clippy:
         m["eval/clippy_warnings_mean"] = float(np.mean(clippy))

@@ -1,4 +1,4 @@
-"""Rust problems in the HumanEval-Rust format, and the program text a sample compiles to.
+"""Rust problems in the HumanEval-Rust format (the program a sample compiles to: program.py).
 
 One JSON object per line: `task_id`, `prompt` (doc comment + signature ending in `{`), `test`
 (a `#[cfg(test)] mod tests {...}`), `entry_point`, optional `canonical_solution` (the body after
@@ -81,18 +81,3 @@ def _parse(rec: dict, path: Path, lineno: int) -> Problem:
     return Problem(task_id=str(task_id), prompt=prompt, test=test, entry_point=str(entry),
                    canonical_solution=canonical if isinstance(canonical, str) and canonical else None,
                    category=str(rec.get("category") or "uncategorized"))
-
-
-def uses_test_harness(test: str) -> bool:
-    """HumanEval-Rust tests are `#[test]` functions; MultiPL-E's assert in `fn main()`."""
-    return "#[test]" in test
-
-
-def program_source(prompt: str, completion: str, test: str) -> str:
-    """The file a sample compiles to: prompt + completion + tests."""
-    body = completion
-    if test.lstrip().startswith("}"):  # MultiPL-E: the tests close the function themselves
-        stripped = body.rstrip()
-        if stripped.endswith("}"):
-            body = stripped[:-1]
-    return f"{prompt}{body}\n\n{test.strip()}\n"

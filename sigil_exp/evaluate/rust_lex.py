@@ -3,7 +3,7 @@
 Built on the project's one Rust lexer, `sigil_exp.data.rust.scan_view` (comments, nested block
 comments, strings with escapes, byte/C strings, raw strings `r#"..."#`, char literals told apart
 from lifetimes and labels): finds where a function body ends and whether a snippet is
-self-contained.
+self-contained (every delimiter closed in order).
 """
 
 from __future__ import annotations
@@ -47,7 +47,28 @@ def truncate_body(completion: str) -> str:
     return completion if end is None else completion[:end]
 
 
+_PAIRS = {")": "(", "]": "[", "}": "{"}
+
+
+def nesting_depth(text: str) -> int | None:
+    """The deepest nesting of `(`, `[` and `{` in `text`, or None unless every one is closed, in
+    order, inside `text` with no unterminated literal or comment (then rustc's token trees
+    cannot reach across its ends, into a crate-mate)."""
+    view, unterminated = scan_view(text)
+    if unterminated:
+        return None
+    stack: list[str] = []
+    deepest = 0
+    for c in view:
+        if c in "([{":
+            stack.append(c)
+            deepest = max(deepest, len(stack))
+        elif c in _PAIRS:
+            if not stack or stack.pop() != _PAIRS[c]:
+                return None
+    return None if stack else deepest
+
+
 def is_self_contained(text: str) -> bool:
-    """Balanced braces that never go below zero and no unterminated literal or comment."""
-    s = scan(text)
-    return s.depth == 0 and s.min_depth >= 0 and not s.unterminated
+    """Every delimiter closed in order inside `text` (see nesting_depth)."""
+    return nesting_depth(text) is not None
