@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sigil_exp.config import DataConfig, FilterConfig, SigilError, SourceConfig
-from sigil_exp.data import build_datasets, cache, mix, rust
+from sigil_exp.data import build_datasets, cache, mix, rust, strip
 from sigil_exp.data.filters import filter_record, minhash, read_rust_file
 from sigil_exp.data.format import encode, encode_prompt, fit, render_prompt
 from sigil_exp.data.sources import Drop, Record, RustFile, walk_rust_dir
@@ -169,20 +169,20 @@ def test_code_view_blanks_strings_comments_and_raw_strings():
 
 
 def test_strip_test_module_with_nested_braces_and_raw_strings():
-    out, n = rust.strip_test_items(LIB_RS)
+    out, n = strip.strip_test_items(LIB_RS)
     assert n == 1
     assert "mod tests" not in out.split("BANNER")[1].split("\n", 1)[1]  # only the literal keeps the words
     assert "fn adds" not in out and "RAW" not in out
     assert 'r##"mod tests { "# } #[cfg(test)] "##' in out  # the raw string is untouched
     assert "pub struct Config {}" in out and "impl Default for Config" in out
-    assert not rust.has_test_items(rust.code_view(out))
+    assert not strip.has_test_code(rust.code_view(out))
 
 
 def test_strip_attached_attributes_docs_and_semicolon_items():
     src = ("use a::b;\n#[cfg(test)]\nuse super::mocks::{x, y};\n/// helper docs\n#[cfg(feature = \"std\")]\n"
            "#[cfg(test)]\nmod t { fn z() {} }\n#[cfg(all(test, unix))]\nfn only_unix_tests() {}\n"
            "#[cfg(any(test, feature = \"x\"))]\nfn shared() {}\npub fn keep() {}\n")
-    out, n = rust.strip_test_items(src)
+    out, n = strip.strip_test_items(src)
     assert n == 3
     assert out == "use a::b;\n#[cfg(any(test, feature = \"x\"))]\nfn shared() {}\npub fn keep() {}\n"
 
@@ -262,14 +262,14 @@ def test_real_crates_strip_and_count(real_crates, tmp_path, tok):
     cfg = data_cfg(SourceConfig(kind="rust_dir", path=str(real_crates)), filters=f, num_proc=2)
     s = build(cfg, tok, tmp_path, max_len=512, run_dir=tmp_path / "run").stats
     assert s["records_kept"] > 10 and s["drop/non_rust"] > 5  # Cargo.toml, README, ...
-    assert s["drop/tests"] >= 1 and s["tests_stripped_files"] >= 2  # tests/ dirs; memchr's cfg(test) mods
+    assert s["drop/tests"] >= 1 and s["tests_stripped_records"] >= 2  # tests/ dirs; memchr's cfg(test) mods
     assert s["overlong_split"] >= 1 and s["overlong_truncated"] == 0
     for item in walk_rust_dir(SourceConfig(kind="rust_dir", path=str(real_crates)), 0, f.skip_paths):
         if isinstance(item, RustFile):
             rec, _ = read_rust_file(item, f)
             kept, _ = filter_record(rec, f, None) if isinstance(rec, Record) else (rec, 0)
             if isinstance(kept, Record):
-                assert not rust.has_test_items(rust.code_view(kept.text)), item.origin
+                assert not strip.has_test_code(rust.code_view(kept.text)), item.origin
                 assert kept.crate in REAL_CRATES or kept.crate.replace("-", "_") in REAL_CRATES
 
 
@@ -281,13 +281,13 @@ def test_real_crates_still_parse_after_stripping(real_crates):
     for p in sorted(real_crates.rglob("*.rs")):
         src = p.read_text(errors="replace")
         view = rust.code_view(src)
-        if not rust.has_test_items(view):
+        if not strip.has_test_code(view):
             continue
         def parses(code: str) -> bool:
             return subprocess.run(["rustfmt", "--edition", "2021", "--emit", "stdout"], input=code.encode(),
                                   capture_output=True).returncode == 0
         if parses(src):
-            out, n = rust.strip_test_items(src, view)
+            out, n = strip.strip_test_items(src, view)
             assert n >= 1 and parses(out), p
             checked += 1
     assert checked >= 3
@@ -407,8 +407,9 @@ def test_overlong_split_keeps_prompt_in_first_chunk(tok):
     ids = list(range(100, 130))
     mask = [0] * 10 + [1] * 20
     pieces, outcome = fit(ids, mask, 10, 12, "split")
-    assert outcome == "split" and [len(p[0]) for p in pieces] == [12, 12, 6]
-    assert pieces[0][1][:10] == [0] * 10 and sum(len(p[0]) for p in pieces) == 30
+    assert outcome == "split" and [len(p[0]) for p in pieces] == [12, 12, 8]  # each later piece repeats 1 token
+    assert pieces[0][1][:10] == [0] * 10 and [p[1][0] for p in pieces] == [0, 0, 0]
+    assert [p[0][0] for p in pieces[1:]] == [ids[11], ids[22]] and pieces[-1][0][-1] == ids[-1]
     assert fit(ids, mask, 10, 12, "truncate") == ([(ids[:12], mask[:12])], "truncated")
     assert fit(ids, mask, 10, 12, "drop") == ([], "dropped")
     assert fit(ids, mask, 10, 8, "split") == ([], "prompt_too_long")
@@ -418,7 +419,7 @@ def test_overlong_counted_end_to_end(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [pair(i, gen_len=40) for i in range(4)] + [pair(9)])
     b = build(data_cfg(SourceConfig(path=str(path)), val_fraction=0.0), tok, tmp_path, max_len=64)
     s = b.stats
-    assert s["overlong_split"] == 4 and s["train_examples"] == 1 + 4 + s["overlong_extra_chunks"]
+    assert s["overlong_split"] == 4 and s["train_examples"] == 1 + s["overlong_chunks"] and s["overlong_chunks"] > 4
     assert max(len(r) for r in b.train["input_ids"]) <= 64
     t = build(data_cfg(SourceConfig(path=str(path)), val_fraction=0.0, overlong="truncate"), tok, tmp_path, max_len=64)
     assert t.stats["overlong_truncated"] == 4 and t.stats["train_examples"] == 5

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cache_hit_second_run": runs[1][2]["cache_hit"],
             "files_seen": stats["records_seen"], "files_kept": stats["records_kept"],
             "drops": {k[len("drop/"):]: v for k, v in stats.items() if k.startswith("drop/")},
-            "tests_stripped_files": stats["tests_stripped_files"],
+            "tests_stripped_records": stats["tests_stripped_records"],
             "train_sequences": stats["train_examples"], "eval_sequences": stats["eval_examples"],
             "train_tokens": stats["train_tokens"], "overlong_split": stats["overlong_split"],
         }
