@@ -63,7 +63,7 @@ def bench_tokenizer(corpus: Path, out: Path, vocab_size: int = 32_000):
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1],
                                  pad_token=specials[2])
     hf.save_pretrained(out)
-    return hf
+    return AutoTokenizer.from_pretrained(out)  # named by its folder, as on the next use
 
 
 def data_config(preset: str, root: str, num_proc: int) -> DataConfig:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         mb = stats["source_mb"]
         result = {
             "corpus": args.root, "preset": args.data, "num_proc": stats["num_proc"], "source_mb": mb,
-            "tokenizer": tokenizer.name_or_path or "bench BPE", "tokenizer_vocab": len(tokenizer),
+            "tokenizer": tokenizer.name_or_path, "tokenizer_vocab": len(tokenizer),
             "first_s": round(runs[0][1], 2), "first_mb_per_s": round(mb / runs[0][1], 2),
             "cached_s": round(runs[1][1], 2), "cached_mb_per_s": round(mb / runs[1][1], 2),
             "cache_hit_second_run": runs[1][2]["cache_hit"],
