@@ -77,7 +77,8 @@ class RustFile:
 def source_name(src: SourceConfig) -> str:
     if src.name:
         return src.name
-    base = src.path.rstrip("/").split("/")[-1] or src.path
+    names = [p for p in src.path.rstrip("/").split("/") if p and not any(c in p for c in "*?[")]  # not glob parts
+    base = names[-1] if names else src.path
     return re.sub(r"\.(jsonl|json|parquet)(\.gz)?$", "", base) or src.kind
 
 
