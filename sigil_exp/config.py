@@ -92,16 +92,23 @@ class SourceConfig:
 
 @dataclass
 class FilterConfig:
-    # Substrings of the repo/crate-relative path ('/' + path) that drop a file.
+    # Matched against path components of the crate/repo-relative path (sigil_exp/data/walk.py):
+    # `name/` = a folder outside the crate's src/ (so src/target/ is a module, kept); `name` = a
+    # file/folder name that fnmatches it or holds it as a whole word (`generated`, not `degenerated`).
     skip_paths: list[str] = field(
         default_factory=lambda: ["vendor/", "target/", "node_modules/", "third_party/", ".git/", "generated"]
     )
-    tests: str = "keep"  # keep | strip (remove #[cfg(test)] items, drop tests/ files) | drop (any test code)
+    # keep | strip (remove #[cfg(test)] items and #[test]-style fns; drop test files: #![cfg(test)],
+    # or tests/ and *_test.rs files with #[test] fns) | drop (any record with test code). Same for
+    # source files, the gen of {prompt, gen} pairs and the assistant turns of {messages}.
+    tests: str = "keep"
     drop_benches: bool = False  # benches/ paths
     drop_examples: bool = False  # examples/ paths
     min_chars: int = 20  # shorter code is dropped (after stripping tests)
     max_chars: int = 200_000  # longer files are dropped (overlong token sequences are split, see data.overlong)
-    max_line_chars: int = 1000  # a longer line marks minified code or a data table; 0 = no limit
+    max_line_chars: int = 1000  # a longer line of code (comments not counted) is a "long line"; 0 = no limit
+    max_long_line_share: float = 0.1  # drop a file when more than this share of its lines are long (minified
+    #                                   code, data tables); 0 = drop on one long line
     prefer_documented: bool = False  # keep only files with doc comments (///, //!, /** */)
     prefer_idiomatic: bool = False  # keep only files whose idiomatic/low-quality marker ratio passes
     min_idiomatic_ratio: float = 1.0  # idiomatic markers (?, iterator adapters, impl, match, Result<, derive)
@@ -371,6 +378,8 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise SigilError(f"data.filters.max_chars={df.max_chars} must exceed data.filters.min_chars={df.min_chars} >= 0.")
     if not 0.0 < df.minhash_threshold <= 1.0 or df.minhash_ngram < 1:
         raise SigilError("data.filters.minhash_threshold must be in (0, 1] and data.filters.minhash_ngram >= 1; the defaults are 0.85 and 5.")
+    if not 0.0 <= df.max_long_line_share < 1.0:
+        raise SigilError(f"data.filters.max_long_line_share={df.max_long_line_share} must be in [0, 1); the default is 0.1.")
     if df.min_idiomatic_ratio < 0 or df.max_line_chars < 0:
         raise SigilError("data.filters.min_idiomatic_ratio and data.filters.max_line_chars must be >= 0 (max_line_chars 0 = no limit).")
     if data.num_proc < 1 or (data.max_examples is not None and data.max_examples < 1):

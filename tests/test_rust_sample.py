@@ -168,3 +168,24 @@ def test_embedded_tests_pass(records, rustc, tmp_path):
     assert passed == expected, (
         f"expected {expected} tests to pass, harness reported {passed}:\n{output[-2000:]}"
     )
+
+
+def test_gens_compile_after_their_tests_are_stripped(records, rustc, tmp_path):
+    """data.filters.tests=strip on the real pairs: every test is gone and what is left compiles."""
+    from sigil_exp.config import FilterConfig
+    from sigil_exp.data import rust, strip
+    from sigil_exp.data.filters import handle_tests
+
+    stripped, n_items = [], 0
+    for rec in records:
+        gen, n, _ = handle_tests(rec["gen"], rec["_source_file"], FilterConfig(tests="strip"))
+        assert gen is not None and not strip.has_test_code(rust.code_view(gen)), _label(len(stripped), rec)
+        stripped.append({**rec, "gen": gen})
+        n_items += n
+    assert n_items >= sum(1 for rec in records if TEST_ATTR.search(rec["gen"])) > 0
+    src = tmp_path / "stripped.rs"
+    src.write_text(_wrap_all(stripped), encoding="utf-8")
+    proc = _run_rustc(rustc, src, tmp_path / "libstripped.rlib")
+    if proc.returncode != 0:
+        failing = _find_failing(rustc, stripped, tmp_path)
+        pytest.fail(f"{len(failing)} stripped snippet(s) fail to compile:\n" + "\n\n".join(failing or [proc.stderr[-4000:]]))

@@ -1,9 +1,11 @@
 """Data: sources -> filters -> dedup -> split -> weight/mix -> format -> tokenize (-> trl packs).
 
 `build_datasets(cfg, tokenizer, max_seq_len, seed, cache_dir, run_dir)` is the one entry point
-the trainer calls. It returns pre-tokenised train/eval datasets with `input_ids` and
-`completion_mask` (1 = token in the loss) and per-stage statistics, and caches the result under
-`<cache_dir>/datasets/<key>` so a second run with the same config skips all of it.
+the trainer calls (and `python -m sigil_exp.data.preview`, which prints what it built). It
+returns pre-tokenised train/eval datasets with `input_ids` and `completion_mask` (1 = token in
+the loss; a sequence's first token never is), where each sequence came from, and per-stage
+statistics, and caches the result under `<cache_dir>/datasets/<key>` so a second run with the
+same config skips all of it.
 
 Packing is left to trl (`packing=True`: bfd bins + padding-free batches whose per-document
 `position_ids` make SDPA/flash attention mask across documents; proven by
@@ -55,9 +57,12 @@ _BLOCK = 2048  # items handed to the workers at a time (bounds memory; lets max_
 
 @dataclass
 class DataBundle:
-    train: Any  # datasets.Dataset
+    train: Any  # datasets.Dataset: input_ids, completion_mask
     eval: Any | None
     stats: dict[str, Any] = field(default_factory=dict)
+    # {"train": Dataset, "eval": Dataset} with one `origin` column (file:line or path, and the
+    # part of a split record), row for row with train/eval
+    origins: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -124,10 +129,10 @@ def _items(src: SourceConfig, index: int, cfg: DataConfig) -> Iterator[RustFile 
     if src.kind == "rust_dir":
         return walk_rust_dir(src, index, cfg.filters.skip_paths)
     if src.kind == "jsonl":
-        return iter_jsonl(src, index, cfg.on_error)
+        return iter_jsonl(src, index, cfg.on_error, cfg.format)
     if src.kind == "parquet":
-        return iter_parquet(src, index, cfg.on_error)
-    return iter_hf(src, index, cfg.on_error)
+        return iter_parquet(src, index, cfg.on_error, cfg.format)
+    return iter_hf(src, index, cfg.on_error, cfg.format)
 
 
 def _collect_source(index: int, src: SourceConfig, cfg: DataConfig, pmap, state: dedup.DedupState
@@ -167,7 +172,7 @@ def _collect_source(index: int, src: SourceConfig, cfg: DataConfig, pmap, state:
     report = {"name": name, "kind": src.kind, "path": src.path, "weight": src.weight, "seen": seen,
               "kept": len(kept), "mb_read": round(n_bytes / 1e6, 3), "drops": dict(sorted(drops.items())),
               "examples": dict(examples), "tests_stripped_items": stripped_items,
-              "tests_stripped_files": stripped_files, "capped_at_max_records": done}
+              "tests_stripped_records": stripped_files, "capped_at_max_records": done}
     log.info("data: source %s (%s): %d seen, %d kept; dropped %s", name, src.kind, seen, len(kept),
              ", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "nothing")
     return kept, report
@@ -213,21 +218,41 @@ def _to_dataset(rows: list[tuple[np.ndarray, np.ndarray]]):
     return Dataset(InMemoryTable(table))
 
 
-def _tokenize(splits: dict[str, list[Record]], pmap) -> tuple[dict[str, list], Counter[str], dict[str, int]]:
+def _tokenize(splits: dict[str, list[Record]], pmap
+              ) -> tuple[dict[str, list], dict[str, list[str]], Counter[str], dict[str, int]]:
+    """(rows, their origins, outcome counts, chunk counts) per split; pmap keeps the order."""
     rows: dict[str, list] = {}
+    origins: dict[str, list[str]] = {}
     outcomes: Counter[str] = Counter()
     extra: Counter[str] = Counter()
     for split, recs in splits.items():
-        rows[split] = []
+        rows[split], origins[split] = [], []
         results = pmap(_encode_batch, _batches(recs), chunksize=1)
         n_batches = math.ceil(len(recs) / 32)
+        done = 0
         for batch in _progress(results, f"data: tokenising {split}", "batch") if n_batches > 4 else results:
-            for pieces, outcome in batch:
+            for rec, (pieces, outcome) in zip(recs[done:done + len(batch)], batch, strict=True):
                 outcomes[outcome] += 1
                 if outcome == "split":
-                    extra["overlong_extra_chunks"] += len(pieces) - 1
+                    extra["overlong_chunks"] += len(pieces)
+                    origins[split].extend(f"{rec.origin} [part {k + 1}/{len(pieces)}]" for k in range(len(pieces)))
+                else:
+                    origins[split].extend([rec.origin] * len(pieces))
                 rows[split].extend(pieces)
-    return rows, outcomes, dict(extra)
+            done += len(batch)
+    return rows, origins, outcomes, dict(extra)
+
+
+def _parts(parts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """(train, eval or None, origins) from a cache entry's datasets."""
+    origins = {s: parts[f"{s}_origins"] for s in ("train", "eval") if f"{s}_origins" in parts}
+    return parts["train"], parts.get("eval"), origins
+
+
+def _origins_dataset(origins: list[str]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"origin": origins})
 
 
 # ------------------------------------------------------------------------------------- stats
@@ -269,12 +294,13 @@ def build_datasets(
     if cfg.cache:
         hit = cache.load(entry)
         if hit is not None:
-            train, ev, report = hit
+            parts, report = hit
+            train, ev, origins = _parts(parts)
             report["stats"].update(cache_hit=True, load_s=round(time.perf_counter() - t0, 3))
             report["cache_entry"] = str(entry)
             log.info("data: cache hit %s (%d train / %d eval sequences)", entry, len(train), len(ev) if ev else 0)
             _write_run_stats(run_dir, report)
-            return DataBundle(train=train, eval=ev, stats=report["stats"])
+            return DataBundle(train=train, eval=ev, stats=report["stats"], origins=origins)
 
     num_proc = max(1, min(cfg.num_proc, os.cpu_count() or 1))
     f = cfg.filters
@@ -308,13 +334,14 @@ def build_datasets(
             train_recs = train_recs[:cfg.max_examples]
             eval_recs = eval_recs[:max(1, math.ceil(cfg.max_examples * cfg.val_fraction))]
         t_mix = time.perf_counter()
-        rows, outcomes, extra = _tokenize({"train": train_recs, "eval": eval_recs}, pmap)
+        rows, origin_lists, outcomes, extra = _tokenize({"train": train_recs, "eval": eval_recs}, pmap)
         t_tok = time.perf_counter() - t_mix
 
     if not rows["train"]:
         raise SigilError(f"data={cfg.name}: no training sequence is left after formatting ({dict(outcomes)}); "
                          f"raise model.max_seq_len or set data.overlong=split.")
     train, ev = _to_dataset(rows["train"]), (_to_dataset(rows["eval"]) if rows["eval"] else None)
+    origins = {s: _origins_dataset(origin_lists[s]) for s in ("train", "eval") if rows[s]}
     mb = sum(r["mb_read"] for r in source_reports)
     elapsed = time.perf_counter() - t0
     totals = {
@@ -322,17 +349,18 @@ def build_datasets(
         "records_seen": sum(r["seen"] for r in source_reports),
         "records_kept": sum(r["kept"] for r in source_reports),
         "tests_stripped_items": sum(r["tests_stripped_items"] for r in source_reports),
-        "tests_stripped_files": sum(r["tests_stripped_files"] for r in source_reports),
+        "tests_stripped_records": sum(r["tests_stripped_records"] for r in source_reports),
         "train_records": len(train_recs),
         "eval_records": len(eval_recs),
         "train_examples": len(rows["train"]),
         "eval_examples": len(rows["eval"]),
         "train_tokens": int(sum(len(r[0]) for r in rows["train"])),
-        "train_loss_tokens": int(sum(int(r[1].sum()) for r in rows["train"])),
+        # tokens whose prediction is trained: a sequence's first token never is (trl masks position 0)
+        "train_loss_tokens": int(sum(int(r[1][1:].sum()) for r in rows["train"])),
         "eval_tokens": int(sum(len(r[0]) for r in rows["eval"])),
         "max_seq_len": max_seq_len,
         "overlong_split": outcomes["split"],
-        "overlong_extra_chunks": extra.get("overlong_extra_chunks", 0),
+        "overlong_chunks": extra.get("overlong_chunks", 0),  # sequences the split records became
         "overlong_truncated": outcomes["truncated"],
         "overlong_dropped": outcomes["dropped"],
         "prompt_too_long": outcomes["prompt_too_long"],
@@ -362,17 +390,18 @@ def build_datasets(
     if cfg.cache:
         t_save = time.perf_counter()
         try:
-            cache.save_atomic(entry, train, ev, report)
+            cache.save_atomic(entry, {"train": train, "eval": ev, "train_origins": origins.get("train"),
+                                      "eval_origins": origins.get("eval")}, report)
         except OSError as e:  # a full or read-only disk must not cost the run its data
             log.warning("data: could not write the cache entry %s (%s); continuing without it "
                         "(set cache_dir to a writable folder, or data.cache=false)", entry, e)
         else:
             hit = cache.load(entry)  # memory-mapped from the cache from now on
             if hit is not None:
-                train, ev, _ = hit
+                train, ev, origins = _parts(hit[0])
         report["stats"]["cache_write_s"] = round(time.perf_counter() - t_save, 2)
     _write_run_stats(run_dir, report)
-    return DataBundle(train=train, eval=ev, stats=report["stats"])
+    return DataBundle(train=train, eval=ev, stats=report["stats"], origins=origins)
 
 
 def _merge_examples(reports: list[dict[str, Any]]) -> dict[str, list[str]]:

@@ -1,4 +1,5 @@
-"""The processed-dataset cache: `<cache_dir>/datasets/<key>/{train,eval,report.json}`.
+"""The processed-dataset cache: `<cache_dir>/datasets/<key>/{train,eval,train_origins,eval_origins,report.json}`
+(`*_origins`: where each sequence came from, for `python -m sigil_exp.data.preview`).
 
 key = hash(data config + each source's fingerprint (paths, sizes, mtimes) + tokenizer identity
 (name_or_path + vocab/special-token/chat-template hash) + max_seq_len + seed + PIPELINE_VERSION).
@@ -19,7 +20,8 @@ from typing import Any
 
 from sigil_exp.config import DataConfig
 
-PIPELINE_VERSION = 1  # bump when preprocessing changes what a given config produces
+PIPELINE_VERSION = 2  # bump when preprocessing changes what a given config produces
+PARTS = ("train", "eval", "train_origins", "eval_origins")
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -54,27 +56,26 @@ def entry_dir(cache_dir: str, key: str) -> Path:
     return Path(cache_dir).expanduser() / "datasets" / key
 
 
-def load(entry: Path):
-    """(train, eval or None, report) from a complete cache entry, or None."""
+def load(entry: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """({part: dataset} for the PARTS present, report) from a complete cache entry, or None."""
     from datasets import load_from_disk
 
     report_file = entry / "report.json"
     if not report_file.is_file():
         return None
     report = json.loads(report_file.read_text())
-    train = load_from_disk(str(entry / "train"))
-    ev = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
-    return train, ev, report
+    return {p: load_from_disk(str(entry / p)) for p in PARTS if (entry / p).is_dir()}, report
 
 
-def save_atomic(entry: Path, train, ev, report: dict[str, Any]) -> None:
-    """Write the entry into a temporary folder next to it, then rename it into place."""
+def save_atomic(entry: Path, parts: dict[str, Any], report: dict[str, Any]) -> None:
+    """Write the entry (the datasets in `parts` that are not None) into a temporary folder next
+    to it, then rename it into place."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     try:
-        train.save_to_disk(str(tmp / "train"))
-        if ev is not None:
-            ev.save_to_disk(str(tmp / "eval"))
+        for name, ds in parts.items():
+            if ds is not None:
+                ds.save_to_disk(str(tmp / name))
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))  # last: marks completeness
         if entry.exists() and not (entry / "report.json").is_file():
             shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry left by an older version

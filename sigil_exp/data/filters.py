@@ -1,21 +1,27 @@
 """Filters: one record (or one .rs file) in, the kept record or a `Drop(reason)` out.
 
 Drop reasons (each counted in stats as `drop/<reason>`, with example paths in data_stats.json):
-  skip_path      path matches data.filters.skip_paths (vendor/, target/, node_modules/, generated, ...)
+  skip_path      path matches data.filters.skip_paths (component rules: walk.py)
   non_rust       not a .rs file (Cargo.lock, Cargo.toml, README, ...), kind=rust_dir only
+  same_path      a second name (symlink, hard link) of a file already read, kind=rust_dir
   unreadable     could not be read (permissions, vanished)           binary / non_utf8   what it says
+  corrupt        a file that cannot be read to the end: bad parquet, truncated .gz (data.on_error=skip)
   generated      a generator banner (`@generated`, `DO NOT EDIT`) in the first lines
-  tests          test code: a tests/ path or `#![cfg(test)]` file (tests=strip|drop), or a file
-                 with `#[cfg(test)]` items (tests=drop; tests=strip removes the items instead)
-  benches / examples   benches/ or examples/ paths (drop_benches / drop_examples)
+  tests          test code (tests=strip|drop): a `#![cfg(test)]` file, a file at a test path
+                 (tests/, *_test.rs, ...) with `#[test]`-style functions outside cfg(test), or
+                 (tests=drop only) anything with a test attribute; tests=strip removes the
+                 `#[cfg(test)]` items and `#[test]`-style functions of the rest instead (strip.py)
+  benches / examples   benches/ or examples/ folders (drop_benches / drop_examples)
   too_short / too_long   outside [min_chars, max_chars] (after stripping tests)
-  long_lines     a line longer than max_line_chars (minified code, data tables)
+  long_lines     more than max_long_line_share of the lines have code longer than max_line_chars
+                 (minified code, data tables; comments do not count, so one long doc line does not drop)
   undocumented   prefer_documented and no doc comment (///, //!, /** */)
   not_idiomatic  prefer_idiomatic and idiomatic/low-quality marker ratio < min_idiomatic_ratio
   malformed      unusable JSON line / row (data.on_error=skip)
   duplicate_exact / duplicate_near   removed by dedup (dedup.py)
-File-level filters (generated, tests, long_lines, quality) apply to source files ({text}
-records); {prompt, gen} and chat records get path, length and dedup filters, plus the quality
+Test handling is the same for every record kind: a source file ({text}), the `gen` of a
+{prompt, gen} pair, the assistant turns of a {messages} record. The other file-level filters
+(generated, long_lines, quality) apply to source files; pairs and chat records get the quality
 filters on their code when filters.quality_on_pairs is set (never for task_type=explanations).
 """
 
@@ -28,25 +34,51 @@ import zlib
 import numpy as np
 
 from sigil_exp.config import FilterConfig
-from sigil_exp.data import rust
-from sigil_exp.data.sources import Drop, Record, RustFile, skip_pattern
+from sigil_exp.data import rust, strip
+from sigil_exp.data.sources import Drop, Record, RustFile
+from sigil_exp.data.walk import in_tool_dir, skip_pattern, test_convention
 
-_TEST_FILE = re.compile(r"(^|/)(tests?|test_utils|testing)/|(^|/)tests?\.rs$|_tests?\.rs$")
-_BENCH = re.compile(r"(^|/)benches/")
-_EXAMPLE = re.compile(r"(^|/)examples/")
+_MAYBE_TEST = re.compile(r"test|bench|quickcheck")  # every test attribute holds one of these words
 
 
 def path_reason(path: str, f: FilterConfig) -> str | None:
-    """Why a file at this (crate- or repo-relative) path is dropped, or None."""
+    """Why a file at this (crate- or repo-relative) path is dropped, or None (test paths are
+    decided with the content: handle_tests)."""
     if skip_pattern(path, f.skip_paths) is not None:
         return "skip_path"
-    if f.tests != "keep" and _TEST_FILE.search(path):
-        return "tests"
-    if f.drop_benches and _BENCH.search(path):
+    if f.drop_benches and in_tool_dir(path, "benches"):
         return "benches"
-    if f.drop_examples and _EXAMPLE.search(path):
+    if f.drop_examples and in_tool_dir(path, "examples"):
         return "examples"
     return None
+
+
+def handle_tests(code: str, path: str | None, f: FilterConfig, view: str | None = None
+                 ) -> tuple[str | None, int, str | None]:
+    """Apply data.filters.tests to one piece of Rust: (code, test constructs stripped, its code
+    view or None when not computed); code None = drop the record as test code."""
+    if f.tests == "keep" or not _MAYBE_TEST.search(code):
+        return code, 0, view
+    view = view if view is not None else rust.code_view(code)
+    if not strip.has_test_code(view):
+        return code, 0, view
+    if f.tests == "drop" or strip.is_test_only(code, view):
+        return None, 0, view
+    if path is not None and test_convention(path) and strip.has_bare_test_fns(code, view):
+        return None, 0, view
+    code, n = strip.strip_test_items(code, view)
+    return code, n, None
+
+
+def _long_lines(text: str, f: FilterConfig, view: str | None) -> bool:
+    """More than max_long_line_share of the non-blank lines hold code (comments not counted)
+    longer than max_line_chars."""
+    if not f.max_line_chars or max(map(len, text.split("\n"))) <= f.max_line_chars:
+        return False
+    lines = (view if view is not None else rust.code_view(text)).split("\n")
+    long = sum(1 for line in lines if len(line.rstrip()) > f.max_line_chars)
+    total = sum(1 for line in text.split("\n") if line.strip())
+    return long > f.max_long_line_share * total
 
 
 def normalise(text: str) -> str:
@@ -70,6 +102,25 @@ def code_of(rec: Record) -> str:
     if rec.kind == "completion":
         return rec.gen
     return next(m["content"] for m in reversed(rec.messages) if m["role"] == "assistant")
+
+
+def _pair_tests(rec: Record, f: FilterConfig) -> int | None:
+    """handle_tests on the code of a {prompt, gen} or chat record, in place: test constructs
+    stripped, or None when the record is to be dropped as test code."""
+    stripped = 0
+    if rec.kind == "completion":
+        gen, stripped, _ = handle_tests(rec.gen, rec.path, f)
+        if gen is None:
+            return None
+        rec.gen = gen
+        return stripped
+    for m in rec.messages:
+        if m["role"] == "assistant":
+            content, n, _ = handle_tests(m["content"], rec.path, f)
+            if content is None:
+                return None
+            m["content"], stripped = content, stripped + n
+    return stripped
 
 
 # ------------------------------------------------------------------------------------ MinHash
@@ -127,27 +178,27 @@ def filter_record(rec: Record, f: FilterConfig, minhash_ngram: int | None) -> tu
     stripped = 0
     if rec.kind == "text":
         text = rec.text.lstrip("\ufeff")
-        if "\x00" in text[:8192]:
+        if "\x00" in text:
             return Drop("binary", rec.origin), 0
         if rust.looks_generated(text):
             return Drop("generated", rec.origin), 0
-        view = rust.code_view(text) if f.tests != "keep" or f.prefer_idiomatic else ""
-        if f.tests != "keep":
-            if rust.is_test_only(text, view):
-                return Drop("tests", rec.origin), 0
-            if rust.has_test_items(view):
-                if f.tests == "drop":
-                    return Drop("tests", rec.origin), 0
-                text, stripped = rust.strip_test_items(text, view)
-                view = rust.code_view(text) if f.prefer_idiomatic else ""
+        kept, stripped, view = handle_tests(text, rec.path, f)
+        if kept is None:
+            return Drop("tests", rec.origin), 0
+        text = kept
+        if view is None and f.prefer_idiomatic:
+            view = rust.code_view(text)
         reason = _length_reason(text, f)
-        if reason is None and f.max_line_chars and max(map(len, text.split("\n"))) > f.max_line_chars:
+        if reason is None and _long_lines(text, f, view):
             reason = "long_lines"
-        reason = reason or _quality_reason(text, view, f)
+        reason = reason or _quality_reason(text, view or "", f)
         if reason:
             return Drop(reason, rec.origin), 0
         rec.text = text
     else:
+        stripped = _pair_tests(rec, f)
+        if stripped is None:
+            return Drop("tests", rec.origin), 0
         code = code_of(rec)
         reason = _length_reason(code, f)
         if reason is None and f.quality_on_pairs and rec.task_type != "explanations":
@@ -171,7 +222,7 @@ def read_rust_file(item: RustFile, f: FilterConfig) -> tuple[Record | Drop, int]
         return Drop("unreadable", item.origin), 0
     if len(head) > f.max_chars * 4:
         return Drop("too_long", item.origin), len(head)
-    if b"\x00" in head[:8192]:
+    if b"\x00" in head:
         return Drop("binary", item.origin), len(head)
     try:
         text = head.decode("utf-8")

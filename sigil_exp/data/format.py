@@ -144,9 +144,14 @@ def messages_to_pair(messages: list[dict[str, str]]) -> tuple[str, str]:
 def fit(ids: list[int], mask: list[int], prompt_len: int, max_len: int, overlong: str
         ) -> tuple[list[tuple[list[int], list[int]]], str]:
     """Cut one encoded record to max_len: returns (pieces, outcome) with outcome one of
-    ok | split | truncated | dropped | prompt_too_long | no_loss. `split` keeps the prompt whole
-    in the first piece; later pieces continue the completion (all in the loss)."""
-    if 1 not in mask:
+    ok | split | truncated | dropped | prompt_too_long | no_loss.
+
+    `split` keeps the prompt whole in the first piece; each later piece starts with the last
+    token of the piece before it, as context with mask 0: a sequence's first token is never
+    predicted (trl masks the label at position 0), so this way every token that carries loss
+    is predicted exactly once and none is lost (EOS included), whatever the length. Pieces
+    without a token in the loss after their first (a chat turn of the user only) are left out."""
+    if 1 not in mask[1:]:
         return [], "no_loss"
     if len(ids) <= max_len:
         return [(ids, mask)], "ok"
@@ -157,9 +162,10 @@ def fit(ids: list[int], mask: list[int], prompt_len: int, max_len: int, overlong
     if overlong == "truncate":
         return [(ids[:max_len], mask[:max_len])], "truncated"
     pieces = []
-    for start in range(0, len(ids), max_len):
+    for start in range(0, len(ids) - 1, max_len - 1):
         piece_ids, piece_mask = ids[start:start + max_len], mask[start:start + max_len]
-        # a 1-token tail teaches nothing: its only label sits at a document start, which is masked
-        if len(piece_ids) >= 2 and 1 in piece_mask[1:]:
+        if start:
+            piece_mask = [0, *piece_mask[1:]]
+        if 1 in piece_mask[1:]:
             pieces.append((piece_ids, piece_mask))
     return pieces, "split"
