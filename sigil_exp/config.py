@@ -160,6 +160,12 @@ class HardwareConfig:
     auto_micro_batch: bool = False  # largest micro_batch dividing micro_batch*grad_accum that preflight says fits
     preflight: bool = True  # estimate peak GPU memory before loading; stop with the knob to change if it cannot fit
     memory_headroom: float = 0.92  # share of the card's memory the estimate may fill (allocator slack, CUDA context)
+    # Data parallel (DDP): one process per GPU, each with its own 4-bit base + LoRA; LoRA gradients all-reduced.
+    nproc_per_node: int = 1  # processes (GPUs) per node; > 1 starts them through torch's elastic launcher
+    nnodes: int = 1  # nodes; > 1 needs hardware.rdzv_endpoint (found by itself in a SLURM job)
+    node_rank: int = 0  # this node's index (informational; the rendezvous assigns ranks; SLURM_NODEID wins)
+    rdzv_endpoint: str | None = None  # host:port where the nodes meet; null = the SLURM job's first node:29500
+    global_batch: int | None = None  # sequences per optimizer step over all GPUs: grad_accum = global_batch / (micro_batch x GPUs)
 
 
 # --------------------------------------------------------------------------------------- train
@@ -342,6 +348,12 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise SigilError("lora.use_dora=true with quant=int8 is not supported on CPU by bitsandbytes; use quant=nf4.")
     if hw.micro_batch_size < 1 or hw.grad_accum < 1:
         raise SigilError("hardware.micro_batch_size and hardware.grad_accum must be >= 1.")
+    if hw.nproc_per_node < 1 or hw.nnodes < 1:
+        raise SigilError("hardware.nproc_per_node and hardware.nnodes must be >= 1 (1 = a single process).")
+    world = hw.nproc_per_node * hw.nnodes
+    if hw.global_batch is not None and (hw.global_batch < 1 or hw.global_batch % world):
+        raise SigilError(f"hardware.global_batch={hw.global_batch} must be a positive multiple of the {world} processes "
+                         f"(hardware.nproc_per_node x hardware.nnodes); try hardware.global_batch={max(world, 16 // world * world)}.")
     if not 0.1 <= hw.memory_headroom <= 1.0:
         raise SigilError(f"hardware.memory_headroom={hw.memory_headroom} must be in [0.1, 1]; the default is 0.92.")
     if hw.gpu_memory_gb is not None and hw.gpu_memory_gb <= 0:

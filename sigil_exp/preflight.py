@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sigil_exp.config import HardwareConfig, LoraConfig, QuantConfig, RunConfig, SigilError
+from sigil_exp.distributed import world_size
 
 log = logging.getLogger(__name__)
 
@@ -318,11 +319,23 @@ def check_fits(shape: ModelShape, q: QuantConfig, lora: LoraConfig, hw: Hardware
     return mb, est
 
 
+def apply_global_batch(hw: HardwareConfig, world: int) -> None:
+    """hardware.global_batch -> this process's micro_batch x grad_accum = global_batch / world, the
+    micro-batch the largest divisor not above the configured one (auto micro-batch may raise it), so a
+    1-GPU and an N-GPU run step on the same number of sequences."""
+    if hw.global_batch is None:
+        return
+    per = hw.global_batch // world
+    mb = max(d for d in range(1, min(hw.micro_batch_size, per) + 1) if per % d == 0)
+    hw.micro_batch_size, hw.grad_accum = mb, per // mb
+
+
 def preflight(cfg: RunConfig, model_path: str | Path) -> MemoryEstimate:
     """train()'s memory check, before the model is loaded: log the estimate; with
     hardware.auto_micro_batch pick the micro-batch (keeping micro_batch_size x grad_accum); raise
     SigilError naming the knob to change when the run cannot fit."""
     hw = cfg.hardware
+    apply_global_batch(hw, world_size())
     shape = ModelShape.from_model_dir(model_path)
     budget = memory_budget(hw) if hw.preflight else Budget(None, "hardware.preflight=false")
     mb, est = check_fits(shape, cfg.quant, cfg.lora, hw, cfg.model.max_seq_len, budget)
