@@ -46,8 +46,10 @@ class LoraDelta:
 
 def check_mergeable(config: Mapping[str, Any], where: str) -> None:
     """Refuse, in one sentence, an adapter whose function is not base + s*B@A (+ DoRA's rescale)."""
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise SigilError(f"{where} is a {config.get('peft_type')} adapter; only LoRA (incl. rsLoRA and DoRA) "
+    kind = config.get("peft_type", "LORA")
+    kind = str(getattr(kind, "value", kind))  # an enum in a live peft config, a string in adapter_config.json
+    if kind.upper() != "LORA":
+        raise SigilError(f"{where} is a {kind} adapter; only LoRA (incl. rsLoRA and DoRA) "
                          "adapters can be merged.")
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INIT:
@@ -183,7 +185,9 @@ def merge_into(model, deltas: dict[str, LoraDelta], quant: QuantConfig | None, d
     if left:
         raise SigilError(f"The adapter targets {sorted(left)[0]}, which is not a linear layer of the base model; "
                          "export with the base the adapter was trained on (model.name_or_path in the run's config).")
-    model.to(dtype)
+    for p in model.parameters():  # parameters only: rotary inv_freq buffers stay float32, as transformers keeps them
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
     return counts
 
 

@@ -102,7 +102,7 @@ def _model_inputs(tokenizer, problems: list[Problem], fmt: str) -> list[list[int
     return [encode_prompt(p.prompt, fmt, tokenizer) for p in problems]
 
 
-def _eos_ids(tokenizer) -> list[int]:
+def eos_ids(tokenizer) -> list[int]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for extra in ("<|eot_id|>", "<|end_of_text|>"):
         tid = tokenizer.convert_tokens_to_ids(extra) if extra in tokenizer.get_vocab() else None
@@ -178,7 +178,7 @@ def _run_waves(model, tokenizer, problems, inputs, rows, batch, cfg: GenConfig, 
     from sigil_exp.evaluate.decode import DecodeParams, decode_batch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(tokenizer)
+    eos = eos_ids(tokenizer)
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
