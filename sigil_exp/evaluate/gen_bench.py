@@ -2,9 +2,9 @@
 agreement with the old path.
 
     python -m sigil_exp.evaluate.gen_bench --tiny                      # the code path on the CPU in seconds
-    python -m sigil_exp.bench --build-model /tmp/m8b --shape-json '{"hidden": 4096, "intermediate": 14336,
-        "layers": 32, "heads": 32, "kv_heads": 8, "vocab": 128256}'   # an 8B-shaped random checkpoint
-    python -m sigil_exp.evaluate.gen_bench --model /tmp/m8b --ignore-stop --n-samples 10 --out gen.json
+    python -m sigil_exp.evaluate.gen_bench --model /tmp/m8b --shape 8b --ignore-stop --n-samples 10 --out gen.json
+        # --shape builds an 8B-shaped random checkpoint into --model first if it holds none
+        # (the same builder as `python -m sigil_exp.bench --build-model`)
 
 Paths (each one `generate_tokens` call on the same problems, sampled at --temperature):
   old       4-bit base + LoRA (peft), transformers generate, batches of 8 in problem order: the
@@ -57,7 +57,7 @@ def load_bench_model(model_dir: str | Path, adapter_dir: str | Path | None, devi
     else:
         from sigil_exp.tiny import build_tokenizer
 
-        tok = build_tokenizer(1024)
+        tok = build_tokenizer(min(1024, base.config.vocab_size))
     if adapter_dir:
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     else:
@@ -137,6 +137,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m sigil_exp.evaluate.gen_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint folder (random: python -m sigil_exp.bench --build-model)")
+    ap.add_argument("--shape", help="build a random checkpoint of this shape (sigil_exp.bench SHAPES: 8b, 3b, 1b, "
+                    "small, tiny) into --model when it holds no config.json")
     ap.add_argument("--adapter", help="LoRA adapter folder (default: a random r16 adapter on all projections)")
     ap.add_argument("--problems", default="pkg://assets/rust_problems.jsonl")
     ap.add_argument("--limit", type=int, help="only the first N problems")
@@ -165,14 +167,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.tiny:
         from sigil_exp.bench import SHAPES, build_random_model
 
-        model_dir = model_dir or str(build_random_model({**SHAPES["tiny"], "vocab": 1024},
-                                                        Path(tempfile.mkdtemp(prefix="gen_bench_")) / "model"))
+        model_dir = model_dir or str(build_random_model(SHAPES["tiny"], Path(tempfile.mkdtemp(prefix="gen_bench_")) / "model"))
         args.limit, args.n_samples = args.limit or 3, min(args.n_samples, 2)
         args.max_new_tokens, args.agree_problems, args.agree_tokens = min(args.max_new_tokens, 12), 2, 8
         args.ignore_stop, args.old_rows = True, 0
         torch.set_num_threads(1)
     if not model_dir:
         ap.error("pass --model DIR (or --tiny)")
+    if args.shape and not (Path(model_dir) / "config.json").is_file():
+        from sigil_exp.bench import SHAPES, build_random_model
+
+        build_random_model(SHAPES[args.shape], Path(model_dir), device)
+        if device == "cuda":
+            torch.cuda.empty_cache()
     problems = load_problems(args.problems, args.limit)
     t0 = time.perf_counter()
     rows = bench_generation(model_dir, args.adapter, problems, args.n_samples, [p for p in args.paths.split(",") if p],

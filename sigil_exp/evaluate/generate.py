@@ -157,12 +157,12 @@ def generate_tokens(model, tokenizer, problems: list[Problem], cfg: GenConfig) -
                 batch = cfg.batch_size or auto_batch(gen_model, len(inputs[order[0]]) if order else 1,
                                                      cfg.max_new_tokens, len(rows))
             ids = _run_waves(gen_model, tokenizer, problems, inputs, rows, batch, cfg, t0)
+        seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)
         if how == "merged":
             del gen_model
             _free_cuda()
-    seconds = time.perf_counter() - t0
     new_tokens = sum(len(x) for x in ids)
     stats = {"engine": cfg.engine, "model": how, "merge_s": round(merge_s, 2), "batch": min(batch, len(rows)),
              "waves": -(-len(rows) // max(batch, 1)), "rows": len(rows), "new_tokens": new_tokens,
