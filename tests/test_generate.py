@@ -129,3 +129,19 @@ def test_generate_cli_streams_in_the_training_format(what, run, tmp_path, capsys
     assert main([str(path), "--problems", BUNDLED, "--limit", "2", "--max-new-tokens", "40"]) == 0
     out = capsys.readouterr().out
     assert out.count("### SigilRust/") == 2 and p.prompt + p.canonical_solution in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_paths_auto_merge_and_speed(tmp_path):
+    """On CUDA: auto merges when the copy fits, and every path runs on a small random Llama; the
+    merged path is faster than the old one."""
+    from sigil_exp.evaluate.gen_bench import load_bench_model, main
+
+    report = main(["--model", str(tmp_path / "m"), "--shape", "small", "--ignore-stop", "--n-samples", "4",
+                   "--limit", "16", "--max-new-tokens", "64", "--paths", "old,nf4_lora,merged,static", "--device", "cuda"])
+    rows = {r["path"]: r for r in report["rows"]}
+    assert rows["merged"]["model"] == "merged" and all(r["peak_gb"] for r in rows.values())
+    assert rows["merged"]["new_tokens_per_s"] > rows["old"]["new_tokens_per_s"]
+    model, _ = load_bench_model(tmp_path / "m", None, "cuda")
+    assert generation_model(model, None)[1] == "merged"
