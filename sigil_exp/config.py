@@ -197,7 +197,11 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 0.95
     max_new_tokens: int = 512
-    batch_size: int = 8  # prompts per generate() call
+    # Generation speed (same outputs): rows per batch at most, or auto (every sample of every problem at once
+    # when memory allows; CPU: up to 256). Rows are sorted by prompt length; finished rows leave the batch.
+    batch_size: Any = "auto"  # auto | a positive integer cap
+    merge: Any = "auto"  # auto (CUDA, if a bf16 copy fits: ~2x faster) | true | false (4-bit base + LoRA, least memory)
+    compile: bool = False  # static KV cache + torch.compile (transformers generate) instead of the own decode loop
     edition: str = "2021"
     timeout_s: float = 10.0  # per test run (wall clock)
     workers: int = 2

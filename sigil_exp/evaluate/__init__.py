@@ -58,8 +58,17 @@ def exec_config(ev: EvalConfig) -> ExecConfig:
 
 
 def gen_config(ev: EvalConfig, fmt: str) -> GenConfig:
+    """The generation settings of `eval.*`; a bad eval.batch_size / eval.merge is one sentence."""
+    batch = ev.batch_size
+    if batch != "auto" and not (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0):
+        raise SigilError(f"eval.batch_size={batch!r} must be auto or a positive integer (a cap on rows per batch).")
+    merge = {"auto": None, True: True, False: False, "true": True, "false": False}.get(
+        ev.merge.lower() if isinstance(ev.merge, str) else ev.merge, "bad")
+    if merge == "bad":
+        raise SigilError(f"eval.merge={ev.merge!r} must be auto, true or false.")
     return GenConfig(fmt=fmt, n_samples=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p,
-                     max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, seed=ev.seed)
+                     max_new_tokens=ev.max_new_tokens, batch_size=0 if batch == "auto" else batch, seed=ev.seed,
+                     merge=merge, engine="static" if ev.compile else "sigil")
 
 
 def check_eval_setup(cfg: RunConfig) -> None:
@@ -67,6 +76,7 @@ def check_eval_setup(cfg: RunConfig) -> None:
     if not cfg.eval.enabled:
         return
     load_problems(cfg.eval.problems, cfg.eval.limit)
+    gen_config(cfg.eval, cfg.data.format)  # eval.batch_size / eval.merge
     find_toolchain()
     detect_sandbox(cfg.eval.sandbox)
     if cfg.data.format not in ("completion", "chat", "text"):

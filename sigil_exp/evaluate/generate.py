@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from sigil_exp.config import SigilError
 from sigil_exp.data.format import encode_prompt
@@ -23,6 +24,7 @@ from sigil_exp.evaluate.rust_lex import body_end
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("sigil", "static", "hf")
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*[ \t]*\n(.*?)(?:```|\Z)", re.S)
 
 
@@ -33,8 +35,11 @@ class GenConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 0.95
     max_new_tokens: int = 512
-    batch_size: int = 8
+    batch_size: int = 0  # rows per batch at most; 0 = as many as memory allows
     seed: int = 0
+    merge: bool | None = None  # merge the adapter into a bf16 copy; None = auto (CUDA and it fits)
+    engine: str = "sigil"  # sigil (own loop) | static (transformers generate, static cache, compiled on CUDA) | hf (generate: the old path)
+    ignore_stop: bool = False  # benchmarks on random weights: no EOS or brace stop, every row runs to max_new_tokens
 
 
 @dataclass
@@ -97,7 +102,7 @@ def _model_inputs(tokenizer, problems: list[Problem], fmt: str) -> list[list[int
     return [encode_prompt(p.prompt, fmt, tokenizer) for p in problems]
 
 
-def _eos_ids(tokenizer) -> list[int]:
+def eos_ids(tokenizer) -> list[int]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for extra in ("<|eot_id|>", "<|end_of_text|>"):
         tid = tokenizer.convert_tokens_to_ids(extra) if extra in tokenizer.get_vocab() else None
@@ -106,56 +111,210 @@ def _eos_ids(tokenizer) -> list[int]:
     return ids
 
 
-def generate_completions(model, tokenizer, problems: list[Problem], cfg: GenConfig) -> list[Completion]:
-    """n_samples completions per problem, batched with left padding."""
-    import torch
-    from transformers import GenerationConfig
-
+def _checked(cfg: GenConfig, tokenizer) -> GenConfig:
     if cfg.fmt == "text":  # trained on raw code: the problem's prompt is simply continued
         cfg = replace(cfg, fmt="completion")
     if cfg.fmt not in ("completion", "chat"):
         raise SigilError(f"data.format={cfg.fmt!r} cannot be evaluated; use data.format=completion, chat or text.")
     if cfg.fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise SigilError("data.format=chat but the tokenizer has no chat template; evaluate with data.format=completion.")
+    if cfg.engine not in ENGINES:
+        raise SigilError(f"engine={cfg.engine!r} is not one of {', '.join(ENGINES)}.")
+    return cfg
+
+
+@dataclass
+class Generated:
+    rows: list[tuple[int, int]]  # (problem index, sample index) of each generated row
+    ids: list[list[int]]  # its new token ids (a final EOS included)
+    stats: dict[str, Any]  # engine, merged, batch, waves, new_tokens, seconds, ...
+
+
+def generate_tokens(model, tokenizer, problems: list[Problem], cfg: GenConfig) -> Generated:
+    """Every sample of every problem: the adapter merged into a bf16 copy when chosen/affordable
+    (`generation_model`), rows sorted by prompt length in batches as large as memory allows."""
+    import torch
+
+    cfg = _checked(cfg, tokenizer)
     greedy = cfg.temperature <= 0
     reps = 1 if greedy else cfg.n_samples  # greedy samples are identical: generate once, copy
     if greedy and cfg.n_samples > 1:
         log.warning("eval.temperature=0 (greedy) with eval.n_samples=%d: the samples are identical copies; "
                     "set eval.temperature>0 for a meaningful pass@k.", cfg.n_samples)
-    torch.manual_seed(cfg.seed)
+    inputs = _model_inputs(tokenizer, problems, cfg.fmt)
+    was_training = model.training
+    model.eval()
+    gen_model, how, merge_s = generation_model(model, cfg.merge)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            if cfg.engine == "hf":  # the old path: problem order, fixed batches of 8, transformers generate
+                rows = [(pi, s) for pi in range(len(problems)) for s in range(reps)]
+                batch = cfg.batch_size or 8
+            else:
+                order = sorted(range(len(problems)), key=lambda i: -len(inputs[i]))
+                rows = [(pi, s) for pi in order for s in range(reps)]
+                batch = cfg.batch_size or auto_batch(gen_model, len(inputs[order[0]]) if order else 1,
+                                                     cfg.max_new_tokens, len(rows))
+            ids = _run_waves(gen_model, tokenizer, problems, inputs, rows, batch, cfg, t0)
+        seconds = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+        if how == "merged":
+            del gen_model
+            _free_cuda()
+    new_tokens = sum(len(x) for x in ids)
+    stats = {"engine": cfg.engine, "model": how, "merge_s": round(merge_s, 2), "batch": min(batch, len(rows)),
+             "waves": -(-len(rows) // max(batch, 1)), "rows": len(rows), "new_tokens": new_tokens,
+             "seconds": round(seconds, 3), "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)}
+    log.info("generation: %(rows)d rows in %(waves)d batch(es) of up to %(batch)d (%(engine)s, %(model)s), "
+             "%(new_tokens)d new tokens in %(seconds).1fs = %(new_tokens_per_s).0f tokens/s", stats)
+    return Generated(rows=rows, ids=ids, stats=stats)
+
+
+def _run_waves(model, tokenizer, problems, inputs, rows, batch, cfg: GenConfig, t0: float) -> list[list[int]]:
+    import torch
+
+    from sigil_exp.evaluate.decode import DecodeParams, decode_batch
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = eos_ids(tokenizer)
+    torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    params = DecodeParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          eos_ids=tuple(eos), pad_id=pad_id, ignore_stop=cfg.ignore_stop,
+                          prefill_tokens=16384 if device.type == "cuda" else 4096)
+    candidates = {i for t, i in tokenizer.get_vocab().items() if "}" in t}
+    out: list[list[int]] = []
+    for start in range(0, len(rows), batch):
+        wave = rows[start:start + batch]
+        if cfg.engine == "sigil":
+            uniq = list(dict.fromkeys(pi for pi, _ in wave))
+            slot = {pi: k for k, pi in enumerate(uniq)}
+
+            def stop(r: int, ids: list[int], wave=wave) -> bool:
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                return extract_completion(text, cfg.fmt, problems[wave[r][0]].entry_point)[1]
+
+            out += decode_batch(model, [inputs[pi] for pi in uniq], [slot[pi] for pi, _ in wave], params, stop,
+                                candidates, generator)
+        else:
+            out += _hf_generate(model, tokenizer, [inputs[pi] for pi, _ in wave],
+                                [problems[pi].entry_point for pi, _ in wave], cfg, pad_id, eos)
+        log.info("generated %d/%d sequences (%.1fs)", min(start + batch, len(rows)), len(rows), time.perf_counter() - t0)
+    return out
+
+
+def _hf_generate(model, tokenizer, prompts: list[list[int]], entry_points: list[str], cfg: GenConfig, pad_id: int,
+                 eos: list[int]) -> list[list[int]]:
+    """transformers' generate on one left-padded batch (engine hf: dynamic cache; static: static
+    cache, which transformers compiles on CUDA); the brace stop ends the batch when every row is done."""
+    import torch
+    from transformers import GenerationConfig
+
+    greedy = cfg.temperature <= 0
+    device = next(model.parameters()).device
+    width = max(len(r) for r in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompts], device=device)
     gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=not greedy,
                                temperature=cfg.temperature if not greedy else None,
-                               top_p=cfg.top_p if not greedy else None, top_k=None,
-                               pad_token_id=pad_id, eos_token_id=_eos_ids(tokenizer))
+                               top_p=cfg.top_p if not greedy else None, top_k=None, pad_token_id=pad_id,
+                               eos_token_id=eos, min_new_tokens=cfg.max_new_tokens if cfg.ignore_stop else None,
+                               cache_implementation="static" if cfg.engine == "static" else None)
+    stopping = [] if cfg.ignore_stop else [make_stopping_criteria(tokenizer, width, cfg.fmt, entry_points)]
+    seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, stopping_criteria=stopping)
+    out = []
+    for row in seqs[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+        row = row[:cut] if cut is not None else row
+        while row and row[-1] == pad_id and pad_id not in eos:
+            row.pop()
+        out.append(row)
+    return out
+
+
+def generation_model(model, merge: bool | None):
+    """(model to generate with, "merged" | "adapter" | "plain", seconds spent merging).
+
+    A peft model is merged into a bf16 copy built from its own (4-bit) weights when `merge` is
+    true, or when None (auto) on CUDA if the copy, a first batch's KV cache and some slack fit in
+    free memory. On the CPU auto keeps the trained model itself: exact, and no copy to build."""
+    import torch
+
+    from sigil_exp.merge import full_precision_bytes, merged_copy
+
+    if not hasattr(model, "peft_config"):
+        return model, "plain", 0.0
     device = next(model.parameters()).device
-    inputs = _model_inputs(tokenizer, problems, cfg.fmt)
-    queue = [(pi, s) for pi in range(len(problems)) for s in range(reps)]
-    out: list[Completion] = []
+    if merge is None:
+        merge = False
+        if device.type == "cuda" and not _has_int8(model):
+            _free_cuda()
+            need, (free, total) = full_precision_bytes(model), torch.cuda.mem_get_info(device)
+            merge = need + max(4 << 30, total // 10) < free
+            log.info("eval.merge=auto: a merged bf16 copy needs %.1f GB, %.1f GB free -> %s", need / 1e9, free / 1e9,
+                     "merge" if merge else "4-bit + LoRA")
+    if not merge:
+        return model, "adapter", 0.0
     t0 = time.perf_counter()
-    for start in range(0, len(queue), cfg.batch_size):
-        chunk = queue[start:start + cfg.batch_size]
-        rows = [inputs[pi] for pi, _ in chunk]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        stop = make_stopping_criteria(tokenizer, width, cfg.fmt, [problems[pi].entry_point for pi, _ in chunk])
-        with torch.inference_mode():
-            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                                  stopping_criteria=[stop])
-        for (pi, s), row in zip(chunk, seqs, strict=True):
-            gen = row[width:]
-            n_tok = int((gen != pad_id).sum())
-            raw = tokenizer.decode(gen, skip_special_tokens=True)
-            p = problems[pi]
-            body, finished = extract_completion(raw, cfg.fmt, p.entry_point)
-            copies = range(cfg.n_samples) if greedy else [s]
-            for k in copies:
-                out.append(Completion(task_id=p.task_id, category=p.category, sample_idx=k, prompt=p.prompt,
-                                      test=p.test, entry_point=p.entry_point, completion=body, raw=raw,
-                                      finished=finished, gen_tokens=n_tok))
-        log.info("generated %d/%d sequences (%.1fs)", min(start + cfg.batch_size, len(queue)), len(queue),
-                 time.perf_counter() - t0)
+    merged = merged_copy(model)
+    log.info("merged the adapter into a bf16 copy of the base in %.1fs", time.perf_counter() - t0)
+    return merged, "merged", time.perf_counter() - t0
+
+
+def auto_batch(model, prompt_width: int, max_new_tokens: int, n_rows: int) -> int:
+    """Rows per batch: on CUDA as many as the free memory holds (KV cache of prompt + new tokens,
+    float32 logits, a prefill reserve); on the CPU up to 256."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return max(1, min(n_rows, 256))
+    c = model.config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv_per_token = 2 * c.num_hidden_layers * (getattr(c, "num_key_value_heads", None) or heads) * head_dim * 2
+    per_row = kv_per_token * (prompt_width + max_new_tokens) + c.vocab_size * 4 * 4
+    prefill = 16384 * (c.hidden_size * 16 + getattr(c, "intermediate_size", 4 * c.hidden_size) * 6)
+    _free_cuda()
+    free = torch.cuda.mem_get_info(device)[0]
+    rows = int((0.85 * free - prefill) // per_row)
+    log.info("eval.batch_size=auto: %.1f GB free, %.2f MB per row -> %d rows", free / 1e9, per_row / 1e6, rows)
+    return max(1, min(n_rows, rows))
+
+
+def _has_int8(model) -> bool:
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+
+
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def generate_completions(model, tokenizer, problems: list[Problem], cfg: GenConfig) -> list[Completion]:
+    """n_samples completions per problem, cut at the function's closing brace."""
+    cfg = _checked(cfg, tokenizer)
+    greedy = cfg.temperature <= 0
+    g = generate_tokens(model, tokenizer, problems, cfg)
+    out: list[Completion] = []
+    for (pi, s), ids in zip(g.rows, g.ids, strict=True):
+        p = problems[pi]
+        raw = tokenizer.decode(ids, skip_special_tokens=True)
+        body, finished = extract_completion(raw, cfg.fmt, p.entry_point)
+        for k in (range(cfg.n_samples) if greedy else [s]):
+            out.append(Completion(task_id=p.task_id, category=p.category, sample_idx=k, prompt=p.prompt,
+                                  test=p.test, entry_point=p.entry_point, completion=body, raw=raw,
+                                  finished=finished, gen_tokens=len(ids)))
     order = {p.task_id: i for i, p in enumerate(problems)}
     out.sort(key=lambda c: (order[c.task_id], c.sample_idx))
     return out
