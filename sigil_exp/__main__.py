@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from sigil_exp.config import RunConfig, SigilError, to_object
+from sigil_exp.config import RunConfig, SigilError, to_object, validate
 from sigil_exp.tracking import objective_value, sweep_group, swept_keys
 
 log = logging.getLogger("sigil_exp")
@@ -49,9 +50,11 @@ def _job_context(cfg: RunConfig) -> tuple[list[str], str | None, list[str], bool
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One job: typed config, run folder, W&B run (finished in `finally`), training."""
-    from sigil_exp.tracking import finish_run, init_run, run_name, summary_metrics
-    from sigil_exp.train import train, write_metrics
+    """One job: typed config, run folder, then the job here or (hardware.nproc_per_node/nnodes > 1) in
+    worker processes started by torch's elastic launcher, each with this resolved config."""
+    from sigil_exp import launch
+    from sigil_exp.tracking import run_name
+    from sigil_exp.train import write_metrics
 
     t_start = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -64,12 +67,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     overrides, group, tags, multirun = _job_context(typed)
     name = typed.wandb.name or run_name(typed, overrides)
+    if not launch.wants_launch(typed.hardware):
+        return run_job(typed, run_dir, resolved, name=name, group=group, tags=tags, overrides=overrides)
+    validate(typed)  # a bad value fails here, once, not in every worker
+    if typed.dry_run:
+        log.info(launch.plan_text(launch.rendezvous(typed.hardware, run_dir), run_dir))
+        return {"status": "dry_run"}
+    try:
+        launch.launch(run_dir, typed.hardware, {"name": name, "group": group, "tags": tags, "overrides": overrides})
+    except BaseException as e:
+        metrics_file = run_dir / "metrics.json"
+        if not metrics_file.is_file() or json.loads(metrics_file.read_text()).get("status") == "ok":
+            write_metrics(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}", "name": name,
+                                    "overrides": overrides, "time/wall_s": time.perf_counter() - t_start})
+        raise
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def run_job(typed: RunConfig, run_dir: Path, resolved: dict[str, Any], *, name: str, group: str | None,
+            tags: list[str], overrides: list[str]) -> dict[str, Any]:
+    """The job itself, in this process (a single run, or one worker of a multi-process run): W&B run
+    (main process only, finished in `finally`), training, metrics."""
+    from sigil_exp.distributed import is_main
+    from sigil_exp.tracking import finish_run, init_run, summary_metrics
+    from sigil_exp.train import train, write_metrics
+
+    t_start = time.perf_counter()
     wandb_run, failed, error = None, False, None
     try:
-        if typed.wandb.mode != "disabled":
+        if typed.dry_run:
+            log.info("dry_run=true: the config composes and validates; nothing was trained (%s)", run_dir)
+            validate(typed)
+            return {"status": "dry_run"}
+        if typed.wandb.mode != "disabled" and is_main():
             wandb_run = init_run(typed, run_dir, resolved, name=name, group=group, tags=tags)
         log.info("Run %s -> %s", name, run_dir)
         metrics = train(typed, run_dir, wandb_run)
+        if not is_main():
+            return metrics
         metrics.update(name=name, overrides=overrides)
         write_metrics(run_dir, metrics)
         if wandb_run is not None:  # scalar columns for the run table / parallel coordinates
@@ -78,9 +113,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return metrics
     except BaseException as e:
         failed, error = True, f"{type(e).__name__}: {e}"
-        # Record the failure in the run folder before anything else can go wrong.
-        write_metrics(run_dir, {"status": "failed", "error": error, "name": name, "overrides": overrides,
-                                "time/wall_s": time.perf_counter() - t_start})
+        if is_main():  # record the failure in the run folder before anything else can go wrong
+            write_metrics(run_dir, {"status": "failed", "error": error, "name": name, "overrides": overrides,
+                                    "time/wall_s": time.perf_counter() - t_start})
         raise
     finally:
         finish_run(wandb_run, failed=failed, error=error)

@@ -256,6 +256,7 @@ class RunConfig:
     experiment: str = "default"  # set by experiment/*.yaml; used in tags and run names
     phase: int = 1  # 1 = broad corpus; 2 = refinement from a phase-1 adapter
     cache_dir: str = "~/.cache/sigil_exp"  # tiny models and processed datasets
+    dry_run: bool = False  # compose, validate and print the launch plan; train nothing
 
 
 def register_configs() -> None:

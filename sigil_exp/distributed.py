@@ -87,3 +87,26 @@ def reduce_max(value: float | None) -> float | None:
 def device_map(device: str) -> dict[str, int] | str:
     """Where `from_pretrained` puts the whole model: this rank's GPU, or the CPU."""
     return {"": local_rank()} if device == "cuda" else "cpu"
+
+
+def time_allreduce(numel: int, reps: int = 10) -> float | None:
+    """Milliseconds one all-reduce of `numel` fp32 values takes across the ranks now (the size of the
+    LoRA gradients DDP reduces each step); None in a single process. Collective: every rank calls it."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or world_size() <= 1:
+        return None
+    device = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = torch.ones(numel, dtype=torch.float32, device=device)
+    dist.all_reduce(buf)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(buf)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from sigil_exp.config import HardwareConfig, LoraConfig, ModelConfig, QuantConfig, SigilError
+from sigil_exp.distributed import device_map
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def load_base_model(cfg: ModelConfig, q: QuantConfig, hw: HardwareConfig, path: 
         register_sdpa_varlen()
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=cfg.revision if not Path(path).is_dir() else None, quantization_config=bnb_config(q),
-        dtype=DTYPES[q.compute_dtype], device_map={"": 0} if hw.device == "cuda" else "cpu",
+        dtype=DTYPES[q.compute_dtype], device_map=device_map(hw.device),
         attn_implementation=hw.attn_implementation, trust_remote_code=cfg.trust_remote_code,
     )
     if hw.liger_kernel:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from sigil_exp import distributed
 from sigil_exp import model as modeling
 from sigil_exp.config import RunConfig, SigilError, validate
 from sigil_exp.data import build_datasets
@@ -82,13 +83,15 @@ class MetricsCallback(TrainerCallback):
 
 def _derived_numbers(cfg: RunConfig, n_train: int) -> dict[str, Any]:
     hw = cfg.hardware
-    seqs_per_step = hw.micro_batch_size * hw.grad_accum
+    world = distributed.world_size()
+    seqs_per_step = hw.micro_batch_size * hw.grad_accum * world
     steps_per_epoch = max(1, math.ceil(n_train / seqs_per_step))
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
     return {
         "micro_batch_size": hw.micro_batch_size,  # as used: hardware.auto_micro_batch may have chosen it
         "grad_accum": hw.grad_accum,
-        "effective_batch": seqs_per_step,
+        "world_size": world,  # processes (GPUs) in data parallel
+        "effective_batch": seqs_per_step,  # micro_batch x grad_accum x world_size sequences per optimizer step
         "max_tokens_per_step": seqs_per_step * cfg.model.max_seq_len,
         "train_examples": n_train,
         "steps_per_epoch": steps_per_epoch,
@@ -133,7 +136,8 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
         save_strategy="steps",
         save_steps=tr.save_steps,
         save_total_limit=tr.save_total_limit,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",  # summed over all ranks: tokens/s is the job's total
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step (DDP skips the graph walk)
         report_to="none",  # W&B logging is ours (MetricsCallback): names and grouping we control
         disable_tqdm=not sys.stderr.isatty(),
     )
@@ -174,9 +178,11 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
         check_eval_setup(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model, model_path)
 
-    data = build_datasets(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed, cfg.cache_dir, run_dir)
+    with distributed.main_first():  # rank 0 builds and caches the datasets, the other ranks read the cache
+        data = build_datasets(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed, cfg.cache_dir,
+                              run_dir if distributed.is_main() else None)
     derived = _derived_numbers(cfg, len(data.train))
-    log.info("Derived: micro-batch %(micro_batch_size)d x grad_accum %(grad_accum)d = effective batch "
+    log.info("Derived: micro-batch %(micro_batch_size)d x grad_accum %(grad_accum)d x %(world_size)d process(es) = effective batch "
              "%(effective_batch)d sequences, up to %(max_tokens_per_step)d tokens/step, "
              "%(train_examples)d train sequences before packing, %(steps_per_epoch)d steps/epoch at most, %(total_steps)d steps", derived)
     log.info("Data: %s", json.dumps(data.stats, default=str)[:2000])
@@ -198,6 +204,10 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer
     result = trainer.train(resume_from_checkpoint=_resume_path(cfg, run_dir))
     final_eval = trainer.evaluate() if data.eval is not None else {}
+    peak_gb = distributed.reduce_max(peak_memory_gb(cfg.hardware.device))  # per GPU: the largest over the ranks
+    allreduce_ms = distributed.time_allreduce(trainable)  # what DDP moves per step: the LoRA gradients (fp32)
+    if not distributed.is_main():  # the main process saves, evaluates and writes the run folder
+        return {"status": "ok", "rank": distributed.rank()}
 
     adapter_dir = run_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
@@ -215,7 +225,8 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
         **speed,  # steady-state train/tokens_per_s, train/step_s, train/mfu (CUDA)
         "train/tokens": trainer.state.num_input_tokens_seen,
         "train/steps": trainer.state.global_step,
-        "sys/peak_mem_gb": peak_memory_gb(cfg.hardware.device),
+        "sys/peak_mem_gb": peak_gb,
+        "perf/allreduce_ms": allreduce_ms,  # one all-reduce of the LoRA gradients across the ranks (None: one process)
         "params/trainable": trainable,
         "params/total": total,
         "time/train_s": result.metrics.get("train_runtime"),
