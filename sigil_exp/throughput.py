@@ -107,8 +107,9 @@ class StepClock:
 
 
 def speed_metrics(clock: StepClock, shape: Any, lora_params: int, seq: int, checkpointing: bool,
-                  lengths: list[int] | None, peak_tflops: float | None) -> dict[str, Any]:
-    """The steady-state figures of a finished run, with MFU where a peak was measured (CUDA)."""
+                  lengths: list[int] | None, peak_tflops: float | None, world: int = 1) -> dict[str, Any]:
+    """The steady-state figures of a finished run (tokens/s: the whole job's), with MFU per GPU where
+    a peak was measured (CUDA)."""
     out = clock.steady()
     tps = out.get("train/tokens_per_s")
     if tps and shape is not None:
@@ -117,5 +118,5 @@ def speed_metrics(clock: StepClock, shape: Any, lora_params: int, seq: int, chec
         out["perf/model_flops_per_token"] = fl["model_flops_per_token"]
         if peak_tflops:
             out["sys/peak_tflops"] = peak_tflops
-            out["train/mfu"] = tps * fl["model_flops_per_token"] / (peak_tflops * 1e12)
+            out["train/mfu"] = tps * fl["model_flops_per_token"] / (peak_tflops * 1e12 * world)  # per GPU
     return out

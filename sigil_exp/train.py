@@ -215,7 +215,8 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
 
     losses = [r["train/loss"] for r in callback.history if "train/loss" in r]
     speed = speed_metrics(callback.clock, ModelShape.from_model_dir(model_path), trainable, cfg.model.max_seq_len,
-                          cfg.hardware.gradient_checkpointing, dataset_lengths(data.train), peak_tflops)
+                          cfg.hardware.gradient_checkpointing, dataset_lengths(data.train), peak_tflops,
+                          distributed.world_size())
     metrics: dict[str, Any] = {
         "status": "ok",
         "train/loss": losses[-1] if losses else result.training_loss,
