@@ -68,7 +68,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     overrides, group, tags, multirun = _job_context(typed)
     name = typed.wandb.name or run_name(typed, overrides)
     if not launch.wants_launch(typed.hardware):
-        _one_gpu(typed)
         return run_job(typed, run_dir, resolved, name=name, group=group, tags=tags, overrides=overrides)
     validate(typed)  # a bad value fails here, once, not in every worker
     if typed.dry_run:
@@ -158,19 +157,6 @@ def _pin_gpu(cfg: DictConfig) -> None:
                          "hydra.launcher.gpus_per_node=<number of GPUs on the machine>.")
     os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(hc.job.num) % len(visible)]
     log.info("Job %s runs on GPU %s (of %s)", hc.job.num, os.environ["CUDA_VISIBLE_DEVICES"], ",".join(visible))
-
-
-def _one_gpu(cfg: RunConfig) -> None:
-    """A single-process run on a host with several GPUs uses the first visible one (the Trainer would
-    otherwise wrap the model in nn.DataParallel, which trl refuses); hardware.nproc_per_node=N uses N."""
-    from sigil_exp.distributed import is_worker
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cfg.hardware.device != "cuda" or is_worker() or (visible is not None and "," not in visible):
-        return
-    first = (visible or "0").split(",")[0].strip()
-    os.environ["CUDA_VISIBLE_DEVICES"] = first
-    log.info("One process: GPU %s only (hardware.nproc_per_node=N trains on N GPUs in data parallel)", first)
 
 
 def _free_memory() -> None:

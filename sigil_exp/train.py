@@ -104,7 +104,7 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
 
     hw, tr = cfg.hardware, cfg.train
     eval_every = tr.eval_steps if tr.eval_steps > 0 else None
-    return SFTConfig(
+    args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         seed=tr.seed,
         data_seed=tr.seed,
@@ -141,6 +141,12 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
         report_to="none",  # W&B logging is ours (MetricsCallback): names and grouping we control
         disable_tqdm=not sys.stderr.isatty(),
     )
+    if distributed.world_size() == 1 and args.n_gpu > 1:
+        # One process on a host with several GPUs trains on the first (the model sits there): the Trainer
+        # would wrap it in nn.DataParallel, which trl refuses. hardware.nproc_per_node=N uses N GPUs (DDP).
+        log.info("One process: GPU 0 of %d (hardware.nproc_per_node=%d trains on all of them)", args.n_gpu, args.n_gpu)
+        args._n_gpu = 1
+    return args
 
 
 def _resume_path(cfg: RunConfig, run_dir: Path) -> str | None:
