@@ -174,7 +174,8 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     validate(cfg)
     if cfg.hardware.device == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
+    with distributed.main_first():  # rank 0 builds (tiny) or downloads the model; the other ranks find it there
+        model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
     modeling.check_device(cfg.hardware)
     preflight(cfg, model_path)  # logs the memory estimate, picks auto micro-batch, stops if it cannot fit
     peak_tflops = measure_peak_tflops(cfg.hardware.device)  # MFU's denominator, this card now (None off CUDA)

@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--e2e-data", default=",".join(E2E_DATA), help="bundled,pipeline: the real data sets of the e2e rows")
     ap.add_argument("--e2e-steps", type=int, default=None, help="optimizer steps per e2e row (default 8; 2 are warm-up)")
     ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end rows")
+    ap.add_argument("--gen", action="store_true", help="also the evaluation's generation rows on the same model "
+                    "(sigil_exp.evaluate.gen_bench: old path, 4-bit + LoRA batched, merged; ~5 min at 8B)")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--build-model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape-json", default=None, help=argparse.SUPPRESS)
@@ -235,12 +237,29 @@ def _run_all(args, tiny: bool, shape: dict[str, int], work: Path, argv) -> dict[
         report.update(summarise(rows, args, shape, work))
         report["wall_s"] = round(time.perf_counter() - t0, 1)
         out.write_text(json.dumps(report, indent=2, default=str))  # after every row: a cut-short run still reports
+    if args.gen:
+        report["generation"] = _generation_rows(model_dir, work, tiny)
+        out.write_text(json.dumps(report, indent=2, default=str))
     if rows:
         print_table(report)
     print_e2e(report.get("e2e", []))
     print(f"e2e targets: {json.dumps(report.get('e2e_targets'))}")
     _log(f"report -> {out}")
     return report
+
+
+def _generation_rows(model_dir: Path, work: Path, tiny: bool) -> list[dict[str, Any]]:
+    """The generation benchmark in its own process (its GPU memory is its own): one row per path."""
+    gen = work / "gen.json"
+    gen.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "sigil_exp.evaluate.gen_bench", "--model", str(model_dir), "--ignore-stop",
+           "--out", str(gen), *(["--tiny"] if tiny else [])]
+    _log("generation rows ...")
+    p = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True)
+    (work / "log_gen.txt").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    if not gen.is_file():
+        return [{"path": "all", "status": "failed", "error": " | ".join(p.stderr.strip().splitlines()[-3:])}]
+    return json.loads(gen.read_text())["rows"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Data parallel on the CPU (gloo): the same code path a multi-GPU run takes, through the real CLI.
+The parent composes once and starts the workers with torch's elastic launcher; only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose_cfg, run_cli
+
+from sigil_exp.config import SigilError, to_object, validate
+from sigil_exp.preflight import apply_global_batch
+
+
+def test_global_batch_gives_each_rank_its_share():
+    cfg = to_object(compose_cfg("hardware=h200", "hardware.global_batch=16"))
+    hw = cfg.hardware
+    apply_global_batch(hw, 2)
+    assert (hw.micro_batch_size, hw.grad_accum) == (8, 1)  # the preset's micro-batch, 8 x 1 x 2 = 16
+    hw.micro_batch_size, hw.global_batch = 8, 12
+    apply_global_batch(hw, 1)
+    assert (hw.micro_batch_size, hw.grad_accum) == (6, 2)  # the largest divisor of 12 not above 8
+    bad = to_object(compose_cfg("hardware=h200", "hardware.nproc_per_node=4", "hardware.global_batch=6"))
+    with pytest.raises(SigilError, match=r"hardware.global_batch=6 must be a positive multiple of the 4 processes"):
+        validate(bad)
+
+
+def test_dry_run_prints_the_launch_plan_of_a_slurm_node(cache_dir, tmp_path, monkeypatch):
+    for k, v in {"SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_ID": "77"}.items():
+        monkeypatch.setenv(k, v)
+    p = run_cli(["hardware=h200", "hardware.nproc_per_node=8", "hardware.nnodes=2", "dry_run=true",
+                 f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout + p.stderr
+    assert "8 worker(s) on this node (node 1 of 2), 16 in all" in out and "c10d at gpu03:29500 (run id 77)" in out
+    monkeypatch.setenv("SLURM_NNODES", "3")
+    p = run_cli(["hardware=h200", "hardware.nproc_per_node=8", "hardware.nnodes=2", "dry_run=true",
+                 f"hydra.run.dir={tmp_path / 'run2'}"], cache_dir)
+    assert p.returncode == 2 and "hardware.nnodes=2 but this SLURM job has 3 nodes" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_at_the_same_global_batch(cache_dir, tmp_path):
+    from sigil_exp.tracking import read_offline_run
+
+    common = ["experiment=smoke", "hardware.global_batch=8", "train.max_steps=3", "train.logging_steps=1",
+              "train.eval_steps=0", "eval.enabled=false", "lora.dropout=0"]  # dropout off: ranks draw their own masks
+    two, one = tmp_path / "two", tmp_path / "one"
+    p = run_cli([*common, "hardware.nproc_per_node=2", f"hydra.run.dir={two}"], cache_dir)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p1 = run_cli([*common, "wandb.mode=disabled", f"hydra.run.dir={one}"], cache_dir)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    m2, m1 = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
+    assert (m2["derived/world_size"], m2["derived/micro_batch_size"], m2["derived/grad_accum"]) == (2, 4, 1)
+    assert (m1["derived/world_size"], m1["derived/micro_batch_size"], m1["derived/grad_accum"]) == (1, 4, 2)
+    assert m2["derived/effective_batch"] == m1["derived/effective_batch"] == 8
+    assert m2["train/tokens"] == m1["train/tokens"]  # both ranks' tokens counted: the job's total
+    l2 = [r["train/loss"] for r in m2["history"] if "train/loss" in r]
+    l1 = [r["train/loss"] for r in m1["history"] if "train/loss" in r]
+    assert len(l2) == len(l1) == 3 and l2 == pytest.approx(l1, rel=1e-4)
+    assert m2["perf/allreduce_ms"] > 0 and m1["perf/allreduce_ms"] is None
+    # rank 0 alone wrote: one adapter, one W&B run that knows it was two processes
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+    runs = list((two / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert read_offline_run(two)["summary"]["derived/world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_with_its_message(cache_dir, tmp_path):
+    p = run_cli(["experiment=smoke", "hardware.nproc_per_node=2", "eval.enabled=false", "wandb.mode=disabled",
+                 f"train.init_adapter={tmp_path / 'no_adapter'}", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
+    assert p.returncode == 2, p.stderr[-2000:]
+    line = [x for x in p.stderr.splitlines() if x.startswith("sigil_exp:")]
+    assert line and "rank " in line[0] and "train.init_adapter=" in line[0], p.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
