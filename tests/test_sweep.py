@@ -35,7 +35,7 @@ SCRIPTS = sorted(EXAMPLES.glob("*.sh"))
 # checkpoints, no Rust evaluation (test_sweep_objective_can_be_a_maximised_eval_rate keeps it).
 FAST = ["train.max_steps=2", "train.eval_steps=0", "train.save_steps=100", "train.logging_steps=1",
         "data.val_fraction=0.03", "model.max_seq_len=256", "eval.enabled=false"]
-SLOW_EXAMPLES = {"rank", "targets", "lr", "two_phase", "slurm"}
+SLOW_EXAMPLES = {"rank", "targets", "lr", "two_phase", "slurm", "slurm_2node"}
 FAST_EXAMPLES = {"parallel_gpus"}  # submitit's local executor for real, in the default suite (~15 s)
 
 
