@@ -36,7 +36,7 @@ from sigil_exp.evaluate.generate import (
 )
 from sigil_exp.evaluate.metrics import compute_metrics, error_histogram
 from sigil_exp.evaluate.problems import Problem, load_problems
-from sigil_exp.evaluate.sandbox import detect_sandbox
+from sigil_exp.evaluate.sandbox import check_root_compile, detect_sandbox
 
 __all__ = ["run_evaluation", "check_eval_setup", "execute_completions", "check_problems", "load_problems", "ProblemFailure",
            "Problem", "Result", "Sample", "Completion", "compute_metrics", "exec_config", "gen_config",
@@ -78,7 +78,7 @@ def check_eval_setup(cfg: RunConfig) -> None:
     load_problems(cfg.eval.problems, cfg.eval.limit)
     gen_config(cfg.eval, cfg.data.format)  # eval.batch_size / eval.merge
     find_toolchain()
-    detect_sandbox(cfg.eval.sandbox)
+    check_root_compile(detect_sandbox(cfg.eval.sandbox), cfg.eval.sandbox_allow_root)  # rustc as root: refused now
     if cfg.data.format not in ("completion", "chat", "text"):
         raise SigilError(f"data.format={cfg.data.format!r} cannot be evaluated; set eval.enabled=false.")
 

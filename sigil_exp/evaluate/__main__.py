@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -109,7 +108,6 @@ def _main(args: argparse.Namespace) -> int:
     out = args.out or art.run or art.path
     metrics = run_evaluation(cfg, model, tokenizer, out)
     _print_summary(metrics, out / "eval")
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.count("/") == 1}))
     return 0
 
 
