@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from sigil_exp import model as modeling
 from sigil_exp.config import RunConfig, SigilError, validate
 from sigil_exp.data import build_datasets
+from sigil_exp.evaluate.during_training import in_training_eval
 from sigil_exp.preflight import preflight
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,15 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
                                   **{f"data/{k}": v for k, v in data.stats.items() if isinstance(v, int | float)}})
 
     callback = MetricsCallback(cfg.hardware.device, wandb_run)
+    callbacks = [callback]
+    in_training = in_training_eval(cfg, tokenizer, run_dir, wandb_run, callback.history)  # eval.every_steps
+    callbacks += [in_training] if in_training else []
     trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir, data.eval is not None),
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                         callbacks=[callback])
+                         callbacks=callbacks)
     modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer
     result = trainer.train(resume_from_checkpoint=_resume_path(cfg, run_dir))
+    best = in_training.restore_best(trainer.model) if in_training else {}  # train.keep_best: the adapter below
     final_eval = trainer.evaluate() if data.eval is not None else {}
 
     adapter_dir = run_dir / "adapter"
@@ -208,6 +213,7 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
         "params/total": total,
         "time/train_s": result.metrics.get("train_runtime"),
         **{f"derived/{k}": v for k, v in derived.items()},
+        **best,
     }
     if cfg.eval.enabled:
         from sigil_exp.evaluate import run_evaluation
