@@ -111,7 +111,6 @@ def test_data_bench_on_a_small_crate_tree(cache_dir, tmp_path):
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["files_seen"] == 4 and result["files_kept"] == 3 and sum(result["drops"].values()) == 1
     assert result["cache_hit_second_run"] is True and result["train_tokens"] > 0
-    assert result["first_mb_per_s"] > 0 and result["cached_mb_per_s"] > 0
 
 
 @needs_rustc
