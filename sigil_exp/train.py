@@ -21,7 +21,6 @@ from transformers import TrainerCallback
 from sigil_exp import model as modeling
 from sigil_exp.config import RunConfig, SigilError, validate
 from sigil_exp.data import build_datasets
-from sigil_exp.evaluate.during_training import in_training_eval
 from sigil_exp.preflight import preflight
 
 log = logging.getLogger(__name__)
@@ -180,6 +179,8 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
         wandb_run.summary.update({"params/trainable": trainable, "params/total": total,
                                   **{f"derived/{k}": v for k, v in derived.items()},
                                   **{f"data/{k}": v for k, v in data.stats.items() if isinstance(v, int | float)}})
+
+    from sigil_exp.evaluate.during_training import in_training_eval
 
     callback = MetricsCallback(cfg.hardware.device, wandb_run)
     callbacks = [callback]

@@ -102,15 +102,30 @@ def _evaluate_cli(run, out, cache_dir) -> list[dict]:
     return [json.loads(line) for line in (out / "eval" / "completions.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def cli_completions(tiny_run, tmp_path_factory, cache_dir):
+    """`python -m sigil_exp.evaluate` on the tiny run, and on a copy whose lora_B is zero (= the base)."""
+    tmp, cfg = tmp_path_factory.mktemp("evaluate_cli"), tiny_run["cfg"]
+    return {"trained": _evaluate_cli(_as_cli_run(tiny_run["dir"], tmp / "trained", cfg), tmp / "o1", cache_dir),
+            "bare": _evaluate_cli(_as_cli_run(tiny_run["dir"], tmp / "zero", cfg, zero_b=True), tmp / "o2", cache_dir)}
+
+
 @needs_rustc
-def test_evaluate_cli_generates_with_the_trained_adapter(tiny_run, tmp_path, cache_dir):
-    cfg = tiny_run["cfg"]
-    trained = _evaluate_cli(_as_cli_run(tiny_run["dir"], tmp_path / "trained", cfg), tmp_path / "o1", cache_dir)
-    bare = _evaluate_cli(_as_cli_run(tiny_run["dir"], tmp_path / "zero", cfg, zero_b=True), tmp_path / "o2", cache_dir)
+def test_evaluate_cli_generates_with_the_trained_adapter(cli_completions):
+    trained, bare = cli_completions["trained"], cli_completions["bare"]
     assert [c["task_id"] for c in trained] == [c["task_id"] for c in bare] and len(trained) == 4
     differ = sum(a["raw"] != b["raw"] for a, b in zip(trained, bare, strict=True))
     print(f"{differ}/4 completions differ between the trained adapter and lora_B = 0")
     assert differ >= 2, "the CLI's completions do not depend on the adapter's weights"
+
+
+@needs_rustc
+@pytest.mark.xfail(strict=True, reason="python -m sigil_exp.evaluate loads the base without the fp32 upcast of "
+                   "norms/embeddings/lm_head that training applies (hardware.upcast_non_lora), so greedy "
+                   "completions drift from the end-of-training evaluation; evaluate/__main__.py load_model")
+def test_evaluate_cli_reproduces_the_end_of_training_evaluation(tiny_run, cli_completions):
+    at_end = [json.loads(line) for line in (tiny_run["dir"] / "eval" / "completions.jsonl").read_text().splitlines()]
+    assert [c["raw"] for c in cli_completions["trained"]] == [c["raw"] for c in at_end[:4]]
 
 
 # ------------------------------------------------------------------ evaluation during training
