@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
 class SigilError(Exception):
@@ -185,6 +185,9 @@ class TrainConfig:
     save_total_limit: int = 2
     init_adapter: str | None = None  # start from this adapter (phase 2)
     resume: str | None = None  # null | auto (last checkpoint in the run folder) | <checkpoint path>
+    # null | eval/pass@1 | eval/compile_rate: <run>/adapter = the adapter of the step where the in-training
+    # evaluation (eval.every_steps) scored best (first to reach it); the last step's stays in checkpoints/
+    keep_best: str | None = None
 
 
 # ---------------------------------------------------------------------------------------- eval
@@ -216,6 +219,8 @@ class EvalConfig:
     run_output_mb: int = 64  # largest file a test run writes, its stdout/stderr included (RLIMIT_FSIZE)
     run_disk_mb: int = 256  # private writable dir of a test run, also its /tmp (a tmpfs; namespaces level)
     run_cpu_s: float = 60.0  # CPU seconds of a test run, all threads together (keep it >= timeout_s)
+    every_steps: int = 0  # > 0: also evaluate eval.subset every N optimizer steps and at the last (eval/pass@1 over steps)
+    subset: Any = None  # problems evaluated during training: null = the final ones (eval.limit), N = the first N, [task ids]
 
 
 # --------------------------------------------------------------------------------------- wandb
@@ -376,6 +381,7 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise SigilError(
             "experiment=phase2 refines a phase-1 adapter: set train.init_adapter=<phase-1 run folder>/adapter."
         )
+    _validate_in_training_eval(cfg.eval, tr)
     if not 0.0 <= data.val_fraction < 1.0:
         raise SigilError(f"data.val_fraction={data.val_fraction} must be in [0, 1).")
     if not data.sources:
@@ -401,6 +407,26 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise SigilError("data.filters.min_idiomatic_ratio and data.filters.max_line_chars must be >= 0 (max_line_chars 0 = no limit).")
     if data.num_proc < 1 or (data.max_examples is not None and data.max_examples < 1):
         raise SigilError("data.num_proc must be >= 1 and data.max_examples null or >= 1.")
+
+
+KEEP_BEST = ("eval/pass@1", "eval/compile_rate")  # train.keep_best choices (higher is better)
+
+
+def _validate_in_training_eval(ev: Any, tr: Any) -> None:
+    if ev.every_steps < 0:
+        raise SigilError(f"eval.every_steps={ev.every_steps} must be >= 0 (0 = no evaluation during training).")
+    sub = ev.subset
+    ok = sub is None or (isinstance(sub, int) and not isinstance(sub, bool) and sub >= 1) or (
+        isinstance(sub, list | tuple | ListConfig) and len(sub) > 0 and all(isinstance(t, str) for t in sub))
+    if not ok:
+        raise SigilError(f"eval.subset={sub!r} must be null, a number of problems >= 1, or a list of task ids "
+                         "such as [SigilRust/0,SigilRust/3].")
+    if tr.keep_best is not None and tr.keep_best not in KEEP_BEST:
+        raise SigilError(f"train.keep_best={tr.keep_best} is not one of {', '.join(KEEP_BEST)}; "
+                         "set train.keep_best=eval/pass@1 or null.")
+    if tr.keep_best is not None and ev.every_steps <= 0:
+        raise SigilError(f"train.keep_best={tr.keep_best} needs evaluations during training to pick from; "
+                         "set eval.every_steps=N (e.g. train.save_steps) or train.keep_best=null.")
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -79,31 +79,43 @@ def measure_peak_tflops(device: str = "cuda", n: int = 8192, reps: int = 10) -> 
 
 
 class StepClock:
-    """Wall time and tokens at the start of training and at the end of every optimizer step (the
-    device synchronised first, so a step's time is the step's work, not the host running ahead)."""
+    """Wall time and tokens of every optimizer step, from its start to its end, the device
+    synchronised at both (a step's time is the step's work, not the host running ahead). What runs
+    between two steps (logging, checkpoint saves, evaluation during training) is not a step's time."""
 
     def __init__(self, device: str):
         self.cuda = device == "cuda" and torch.cuda.is_available()
-        self.marks: list[tuple[int, float, int]] = []  # (step, seconds, tokens seen)
+        self.steps: list[tuple[float, float, int, int]] = []  # (start s, end s, tokens at start, tokens at end)
+        self._open: tuple[float, int] | None = None
 
-    def mark(self, step: int, tokens: int) -> None:
+    def _now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
-        self.marks.append((step, time.perf_counter(), tokens))
+        return time.perf_counter()
+
+    def begin(self, tokens: int) -> None:
+        self._open = (self._now(), tokens)
+
+    def end(self, tokens: int) -> None:
+        if self._open is not None:
+            self.steps.append((self._open[0], self._now(), self._open[1], tokens))
+            self._open = None
+
+    def window(self, since: int) -> tuple[float, int]:
+        """(seconds, tokens) of the steps from index `since` on."""
+        done = self.steps[since:]
+        return sum(e - b for b, e, _, _ in done), sum(t1 - t0 for _, _, t0, t1 in done)
 
     def steady(self, warmup: int = WARMUP_STEPS) -> dict[str, Any]:
         """tokens/s and median step time over the steps after the first `warmup` (fewer are excluded
-        when the run is short: at least one step is kept where there are two marks)."""
-        m = self.marks
-        if len(m) < 2:
+        when the run is short: at least one step is kept)."""
+        if not self.steps:
             return {}
-        w = min(warmup, len(m) - 2)
-        times = [b[1] - a[1] for a, b in zip(m[w:-1], m[w + 1:], strict=False)]
-        tokens = m[-1][2] - m[w][2]
-        seconds = m[-1][1] - m[w][1]
+        w = min(warmup, len(self.steps) - 1)
+        seconds, tokens = self.window(w)
         return {"train/tokens_per_s": tokens / seconds if seconds > 0 else None,
-                "train/step_s": statistics.median(times), "train/steady_steps": len(times),
-                "train/warmup_steps_excluded": w}
+                "train/step_s": statistics.median(e - b for b, e, _, _ in self.steps[w:]),
+                "train/steady_steps": len(self.steps) - w, "train/warmup_steps_excluded": w}
 
 
 def speed_metrics(clock: StepClock, shape: Any, lora_params: int, seq: int, checkpointing: bool,

@@ -47,14 +47,13 @@ class MetricsCallback(TrainerCallback):
         self.device, self.run = device, wandb_run
         self.history: list[dict[str, Any]] = []
         self.clock = StepClock(device)
-        self._t0, self._tokens0 = None, 0
+        self._since = 0  # clock steps already reported in a history row
 
-    def on_train_begin(self, args, state, control, **kw):
-        self.clock.mark(state.global_step, state.num_input_tokens_seen)
-        self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+    def on_step_begin(self, args, state, control, **kw):
+        self.clock.begin(state.num_input_tokens_seen)
 
     def on_step_end(self, args, state, control, **kw):
-        self.clock.mark(state.global_step, state.num_input_tokens_seen)
+        self.clock.end(state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs:
@@ -69,11 +68,11 @@ class MetricsCallback(TrainerCallback):
                 row[f"train/{k[6:] if k.startswith('train_') else k}_total"] = v
             else:
                 row[f"train/{k}"] = v
-        if "train/loss" in row and self._t0 is not None:
-            now = time.perf_counter()
-            tokens = state.num_input_tokens_seen - self._tokens0
-            row["train/window_tokens_per_s"] = tokens / max(now - self._t0, 1e-9)
-            self._t0, self._tokens0 = now, state.num_input_tokens_seen
+        if "train/loss" in row:  # the steps since the previous row, their own time only
+            seconds, tokens = self.clock.window(self._since)
+            if seconds > 0:
+                row["train/window_tokens_per_s"] = tokens / seconds
+            self._since = len(self.clock.steps)
         row["sys/peak_mem_gb"] = peak_memory_gb(self.device)
         row["train/global_step"] = state.global_step
         self.history.append(row)
@@ -204,12 +203,18 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
                                   **{f"derived/{k}": v for k, v in derived.items()},
                                   **{f"data/{k}": v for k, v in data.stats.items() if isinstance(v, int | float)}})
 
+    from sigil_exp.evaluate.during_training import in_training_eval
+
     callback = MetricsCallback(cfg.hardware.device, wandb_run)
+    callbacks = [callback]
+    in_training = in_training_eval(cfg, tokenizer, run_dir, wandb_run, callback.history)  # eval.every_steps
+    callbacks += [in_training] if in_training else []
     trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir, data.eval is not None),
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                         callbacks=[callback])
+                         callbacks=callbacks)
     modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer
     result = trainer.train(resume_from_checkpoint=_resume_path(cfg, run_dir))
+    best = in_training.restore_best(trainer.model) if in_training else {}  # train.keep_best: the adapter below
     final_eval = trainer.evaluate() if data.eval is not None else {}
     peak_gb = distributed.reduce_max(peak_memory_gb(cfg.hardware.device))  # per GPU: the largest over the ranks
     allreduce_ms = distributed.time_allreduce(trainable)  # what DDP moves per step: the LoRA gradients (fp32)
@@ -239,6 +244,7 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
         "params/total": total,
         "time/train_s": result.metrics.get("train_runtime"),
         **{f"derived/{k}": v for k, v in derived.items()},
+        **best,
     }
     if cfg.eval.enabled:
         from sigil_exp.evaluate import run_evaluation

@@ -43,6 +43,7 @@ def test_help_and_cfg_job(cache_dir):
     for group in ("model", "quant", "lora", "data", "hardware", "experiment"):
         assert f"{group}:" in helped.stdout
     shown = run_cli(["--cfg", "job", "lora.r=32", "lora=attn"], cache_dir)
+    assert shown.returncode == 0, shown.stderr[-3000:]
     cfg = yaml.safe_load(shown.stdout)
     assert cfg["lora"]["r"] == 32 and cfg["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -61,9 +61,9 @@ def test_unknown_option_fails_with_available_options():
 
 
 def test_wrong_type_fails_at_compose_time():
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ConfigCompositionException) as e:
         compose_cfg("lora.r=sixteen")
-    assert "lora.r" in str(e.value) or "sixteen" in str(e.value)
+    assert "lora.r" in str(e.value) and "'sixteen'" in str(e.value.__cause__) and "Integer" in str(e.value.__cause__)
 
 
 def test_alpha_can_be_tied_to_rank():

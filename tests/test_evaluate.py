@@ -273,7 +273,9 @@ def test_tiny_model_evaluation_end_to_end(tmp_path, tiny_model, problems):
     results = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
     assert len(comps) == len(results) == 6
     assert {"task_id", "category", "completion", "verdict", "error_codes", "compile_s", "stderr"} <= set(results[0])
-    assert 0.0 <= metrics["eval/compile_rate"] <= 1.0 and 0.0 <= metrics["eval/pass@1"] <= 1.0
+    assert metrics["eval/compile_rate"] == pytest.approx(sum(r["stage"] == "run" for r in results) / 6)
+    per_task = Counter(r["task_id"] for r in results if r["verdict"] == "pass")
+    assert metrics["eval/pass@1"] == pytest.approx(sum(per_task[c["task_id"]] / 2 for c in comps[::2]) / 3)
     assert "eval/pass@5" not in metrics and any(k.startswith("eval/pass@1/") for k in metrics)
     saved = json.loads((ev / "metrics.json").read_text())
     assert saved["metrics"] == metrics and saved["sandbox"]

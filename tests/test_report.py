@@ -127,4 +127,5 @@ def test_killed_job_is_reported_from_its_wandb_run(tmp_path):
     assert [r["train/global_step"] for r in dead.history if "train/loss" in r] == [1, 2, 3]
     assert dead.metrics["params/trainable"] == 4096 and "no metrics.json" in dead.error
     assert [j.num for j in jobs] == [0, 1]
-    assert report.plot_loss_curves(jobs, tmp_path / "curves.png") is not None  # the killed job's curve too
+    png = report.plot_loss_curves([dead], tmp_path / "curves.png")  # drawn from the killed job's W&B history alone
+    assert png == tmp_path / "curves.png" and png.read_bytes()[:4] == b"\x89PNG"

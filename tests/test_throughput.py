@@ -9,18 +9,24 @@ from sigil_exp.throughput import StepClock, flops_per_token, packed_attn_span
 SHAPE_8B = dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256)
 
 
-def test_steady_state_excludes_warmup_steps():
+def test_steady_state_excludes_warmup_steps_and_time_between_steps():
     clock = StepClock("cpu")
-    # train begin at t=0, then a slow first two steps (compile, allocator growth) and 4 steady 1-second steps
-    for step, (t, tokens) in enumerate([(0, 0), (10, 100), (15, 200), (16, 300), (17, 400), (18, 500), (19, 600)]):
-        clock.marks.append((step, float(t), tokens))
+    # (start, end, tokens at start, tokens at end): two slow first steps (allocator growth, first shapes),
+    # then four 1-second steps of 100 tokens with 30 s between two of them (a checkpoint save or an eval)
+    clock.steps = [(0, 10, 0, 100), (10, 15, 100, 200), (15, 16, 200, 300), (16, 17, 300, 400),
+                   (47, 48, 400, 500), (48, 49, 500, 600)]
     s = clock.steady(warmup=2)
     assert s["train/tokens_per_s"] == pytest.approx(400 / 4) and s["train/step_s"] == pytest.approx(1.0)
     assert s["train/steady_steps"] == 4 and s["train/warmup_steps_excluded"] == 2
+    assert clock.window(4) == (2, 200)
     short = StepClock("cpu")
-    short.marks = [(0, 0.0, 0), (1, 2.0, 50)]  # one step: nothing can be excluded, but there is a figure
+    short.steps = [(0.0, 2.0, 0, 50)]  # one step: nothing can be excluded, but there is a figure
     assert short.steady()["train/tokens_per_s"] == pytest.approx(25) and short.steady()["train/warmup_steps_excluded"] == 0
     assert StepClock("cpu").steady() == {}
+    live = StepClock("cpu")
+    live.begin(0)
+    live.end(64)
+    assert len(live.steps) == 1 and live.steps[0][3] == 64 and live.steps[0][1] >= live.steps[0][0]
 
 
 def test_attention_span_of_packed_documents():

@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
     clock = StepClock("cpu" if args.cpu else "cuda")
 
     class Clock(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            clock.mark(state.global_step, state.num_input_tokens_seen)
+        def on_step_begin(self, a, state, control, **kw):
+            clock.begin(state.num_input_tokens_seen)
 
         def on_step_end(self, a, state, control, **kw):
-            clock.mark(state.global_step, state.num_input_tokens_seen)
+            clock.end(state.num_input_tokens_seen)
 
     if not args.cpu:
         torch.cuda.reset_peak_memory_stats()
