@@ -155,6 +155,11 @@ def load_for_generation(art: Artifact, cfg: RunConfig):
         from sigil_exp.model import load_base_model
 
         base = load_base_model(cfg.model, cfg.quant, cfg.hardware)
+        if cfg.quant.method != "none" and cfg.hardware.upcast_non_lora:
+            # what training computed with (model.prepare_for_training): norms, embeddings and lm_head in fp32
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         model = PeftModel.from_pretrained(base, str(art.adapter))  # inference mode: nothing trainable
     model.eval()
     return model, tokenizer

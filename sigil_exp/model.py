@@ -180,6 +180,21 @@ def set_adapter_dtype(model, dtype: str) -> None:
             p.data = p.data.to(target)
 
 
+def load_adapter_weights(model, adapter_dir: str | Path) -> None:
+    """The saved adapter's exact weights into the model's LoRA parameters (keeping their dtype): trl
+    casts a quantised model's adapter to bf16 when the trainer is built, which rounds a phase-1 adapter
+    that `set_adapter_dtype` alone cannot bring back."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir).expanduser() / "adapter_model.safetensors"))
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    set_peft_model_state_dict(model, state)
+    for n, p in model.named_parameters():
+        if n in dtypes and p.dtype != dtypes[n]:
+            p.data = p.data.to(dtypes[n])
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total); 4-bit weights count as the parameters they stand for."""
     return model.get_nb_trainable_parameters()

@@ -213,6 +213,8 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                          callbacks=callbacks)
     modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer
+    if cfg.train.init_adapter:  # phase 2: the phase-1 adapter's exact weights, not trl's bf16 rounding of them
+        modeling.load_adapter_weights(trainer.model, cfg.train.init_adapter)
     result = trainer.train(resume_from_checkpoint=_resume_path(cfg, run_dir))
     best = in_training.restore_best(trainer.model) if in_training else {}  # train.keep_best: the adapter below
     final_eval = trainer.evaluate() if data.eval is not None else {}

@@ -23,7 +23,7 @@ from sigil_exp.evaluate.problems import load_problems
 from tests.conftest import run_cli
 
 # One problem per category of the bundled set, each with a short canonical solution (25-48 tokens of
-# the tiny model's tokenizer, below the smoke preset's eval.max_new_tokens=96).
+# the tiny model's tokenizer, well below the smoke preset's eval.max_new_tokens=160).
 LOOP_TASKS = ("SigilRust/0", "SigilRust/8", "SigilRust/19", "SigilRust/25", "SigilRust/32", "SigilRust/42",
               "SigilRust/49", "SigilRust/55")
 LOOP_STEPS = 40

@@ -26,6 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from sigil_exp.config import RunConfig, SigilError
+from sigil_exp.distributed import barrier, is_main
 from sigil_exp.evaluate import (
     execute_completions,
     find_toolchain,
@@ -83,6 +84,8 @@ class InTrainingEval(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         every = self.cfg.eval.every_steps
+        if not is_main():  # data parallel: rank 0 evaluates and keeps the best; the others wait at the next step
+            return
         if model is not None and step not in self.done and (step % every == 0 or step >= state.max_steps):
             self.evaluate(model, step)
 
@@ -127,8 +130,14 @@ class InTrainingEval(TrainerCallback):
         log.info("step %d: new best %s=%.3f (adapter kept in %s)", step, self.metric, value, self.best_dir)
 
     def restore_best(self, model: Any) -> dict[str, Any]:
-        """Load the best step's adapter weights into `model` (train.keep_best); its facts for metrics.json."""
-        if not self.metric or self.best is None:
+        """Load the best step's adapter weights into `model` (train.keep_best); its facts for metrics.json.
+        Every rank of a data-parallel run loads what rank 0 kept, so the final eval loss is the best step's."""
+        if not self.metric:
+            return {}
+        barrier()
+        if self.best is None and (self.best_dir / "best.json").is_file():
+            self.best = json.loads((self.best_dir / "best.json").read_text())
+        if self.best is None:
             return {}
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
