@@ -178,10 +178,9 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     modeling.check_device(cfg.hardware)
     preflight(cfg, model_path)  # logs the memory estimate, picks auto micro-batch, stops if it cannot fit
     peak_tflops = measure_peak_tflops(cfg.hardware.device)  # MFU's denominator, this card now (None off CUDA)
-    if cfg.eval.enabled:  # bad eval settings (problems file, rustc, sandbox) fail now, not after training
-        from sigil_exp.evaluate import check_eval_setup
+    from sigil_exp.evaluate import check_eval_setup
 
-        check_eval_setup(cfg)
+    check_eval_setup(cfg)  # bad eval settings (problems, eval.subset, rustc, sandbox) fail now, not after training
     tokenizer = modeling.load_tokenizer(cfg.model, model_path)
 
     with distributed.main_first():  # rank 0 builds and caches the datasets, the other ranks read the cache

@@ -72,10 +72,15 @@ def gen_config(ev: EvalConfig, fmt: str) -> GenConfig:
 
 
 def check_eval_setup(cfg: RunConfig) -> None:
-    """Fail before training, not after: the problems load, rustc is there, the sandbox starts."""
-    if not cfg.eval.enabled:
+    """Fail before training, not after: the problems load, rustc is there, the sandbox starts
+    (for the evaluation after training and for the one during it, eval.every_steps)."""
+    if not cfg.eval.enabled and cfg.eval.every_steps <= 0:
         return
     load_problems(cfg.eval.problems, cfg.eval.limit)
+    if cfg.eval.every_steps > 0:
+        from sigil_exp.evaluate.during_training import select_problems
+
+        select_problems(cfg)  # eval.subset names problems of eval.problems
     gen_config(cfg.eval, cfg.data.format)  # eval.batch_size / eval.merge
     find_toolchain()
     check_root_compile(detect_sandbox(cfg.eval.sandbox), cfg.eval.sandbox_allow_root)  # rustc as root: refused now
