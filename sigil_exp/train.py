@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,9 +20,12 @@ import torch
 from transformers import TrainerCallback
 
 from sigil_exp import model as modeling
-from sigil_exp.config import RunConfig, SigilError, validate
+from sigil_exp import rundir
+from sigil_exp.checks import check_run
+from sigil_exp.config import RunConfig
 from sigil_exp.data import build_datasets
 from sigil_exp.preflight import preflight
+from sigil_exp.signals import RunInterrupted, StopOnSignal, graceful
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +41,10 @@ class MetricsCallback(TrainerCallback):
     """Renames the trainer's logs to the project's metric names (`train/loss`, `eval/loss`, ...),
     adds tokens/s and peak memory, keeps the history for metrics.json and sends it to W&B."""
 
-    def __init__(self, device: str, wandb_run=None):
+    def __init__(self, device: str, wandb_run=None, history: list[dict[str, Any]] | None = None, wandb_after: int = 0):
         self.device, self.run = device, wandb_run
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = list(history or [])  # a resumed run carries its rows over
+        self.wandb_after = wandb_after  # W&B already holds the steps up to here (an earlier attempt of this run)
         self._t0, self._tokens0 = None, 0
 
     def on_train_begin(self, args, state, control, **kw):
@@ -66,8 +71,21 @@ class MetricsCallback(TrainerCallback):
         row["sys/peak_mem_gb"] = peak_memory_gb(self.device)
         row["train/global_step"] = state.global_step
         self.history.append(row)
-        if self.run is not None:
+        if self.run is not None and state.global_step > self.wandb_after:
             self.run.log(row, step=state.global_step)
+        if line := progress_line(row, state):
+            log.info(line)
+
+
+_SHOWN = (("train/loss", "loss", "{:.4f}"), ("eval/loss", "eval loss", "{:.4f}"), ("train/learning_rate", "lr", "{:.3g}"),
+          ("train/grad_norm", "grad norm", "{:.3g}"), ("train/tokens_per_s", "tokens/s", "{:,.0f}"))
+
+
+def progress_line(row: dict[str, Any], state) -> str:
+    """One log line per logged row, e.g. `step 20/80: loss 2.3101, lr 0.000187, grad norm 0.412, tokens/s 1,234`
+    (the trainer's own raw dicts are not printed)."""
+    parts = [f"{name} {fmt.format(row[key])}" for key, name, fmt in _SHOWN if isinstance(row.get(key), int | float)]
+    return f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts) if parts else ""
 
 
 def _derived_numbers(cfg: RunConfig, n_train: int) -> dict[str, Any]:
@@ -106,8 +124,8 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
         per_device_train_batch_size=hw.micro_batch_size,
         per_device_eval_batch_size=hw.micro_batch_size,
         gradient_accumulation_steps=hw.grad_accum,
-        gradient_checkpointing=hw.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": hw.checkpointing_reentrant},
+        activation_checkpointing=hw.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": hw.checkpointing_reentrant},
         bf16=hw.precision == "bf16",
         fp16=hw.precision == "fp16",
         use_cpu=hw.device == "cpu",
@@ -129,38 +147,20 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
     )
 
 
-def _resume_path(cfg: RunConfig, run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def train(cfg: RunConfig, run_dir: Path, wandb_run=None, start: rundir.Start | None = None,
+          model_path: str | None = None) -> dict[str, Any]:
+    """Run one fine-tuning job in `run_dir`; returns (and writes) its metrics.
 
-    r = cfg.train.resume
-    if not r:
-        return None
-    if r == "auto":
-        ckpt_dir = run_dir / "checkpoints"
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if last is None:
-            log.info("train.resume=auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
-        return last
-    if not Path(r).is_dir():
-        raise SigilError(f"train.resume={r} is not a checkpoint folder; use train.resume=auto or a checkpoint-N path.")
-    return r
-
-
-def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
-    """Run one fine-tuning job in `run_dir`; returns (and writes) its metrics."""
+    `start` says where a resumed run continues (`rundir.prepare`); `model_path` skips the checks when
+    the caller has run them (`checks.check_run`) already."""
     from trl import SFTTrainer
 
     t_start = time.perf_counter()
-    validate(cfg)
+    start = start or rundir.Start()
+    model_path = model_path or check_run(cfg)  # every value, the model's module names, device, eval setup
     if cfg.hardware.device == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
-    modeling.check_device(cfg.hardware)
     preflight(cfg, model_path)  # logs the memory estimate, picks auto micro-batch, stops if it cannot fit
-    if cfg.eval.enabled:  # bad eval settings (problems file, rustc, sandbox) fail now, not after training
-        from sigil_exp.evaluate import check_eval_setup
-
-        check_eval_setup(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model, model_path)
 
     data = build_datasets(cfg.data, tokenizer, cfg.model.max_seq_len, cfg.train.seed, cfg.cache_dir, run_dir)
@@ -180,33 +180,46 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
                                   **{f"derived/{k}": v for k, v in derived.items()},
                                   **{f"data/{k}": v for k, v in data.stats.items() if isinstance(v, int | float)}})
 
-    callback = MetricsCallback(cfg.hardware.device, wandb_run)
+    callback = MetricsCallback(cfg.hardware.device, wandb_run, history=start.history, wandb_after=start.wandb_step)
+    callbacks = [callback, StopOnSignal()]
+    if wandb_run is not None:
+        callbacks.append(rundir.RecordWandbStep(run_dir, start.wandb_step))
     trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir, data.eval is not None),
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                         callbacks=[callback])
+                         callbacks=callbacks)
+    _readable_output(trainer)
+    rundir.save_checkpoints_atomically(trainer, history=lambda: callback.history)
     modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer
-    result = trainer.train(resume_from_checkpoint=_resume_path(cfg, run_dir))
+    if start.past_end(cfg.train.max_steps):  # killed after its last checkpoint: nothing left to train
+        rundir.restore_final_checkpoint(trainer, start.checkpoint)
+        train_s = 0.0
+    else:
+        with graceful() as stop:  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+            result = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+        if stop.signum is not None:
+            step = trainer.state.global_step
+            metrics = {"status": "interrupted", "stopped_by": signal.Signals(stop.signum).name,
+                       **_train_summary(callback.history, trainer), "time/wall_s": time.perf_counter() - t_start,
+                       "history": callback.history}
+            write_metrics(run_dir, metrics)
+            raise RunInterrupted(stop.signum, step, str(run_dir / "checkpoints" / f"checkpoint-{step}"), recorded=True)
+        train_s = result.metrics.get("train_runtime")
     final_eval = trainer.evaluate() if data.eval is not None else {}
 
     adapter_dir = run_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
 
-    losses = [r["train/loss"] for r in callback.history if "train/loss" in r]
-    speeds = [r["train/tokens_per_s"] for r in callback.history if "train/tokens_per_s" in r]
     metrics: dict[str, Any] = {
         "status": "ok",
-        "train/loss": losses[-1] if losses else result.training_loss,
-        "train/loss_first": losses[0] if losses else None,
-        "train/mean_loss": result.training_loss,
+        **_train_summary(callback.history, trainer),
         "eval/loss": final_eval.get("eval_loss"),
-        "train/tokens_per_s": sum(speeds[1:]) / len(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None),
-        "train/tokens": trainer.state.num_input_tokens_seen,
-        "train/steps": trainer.state.global_step,
         "sys/peak_mem_gb": peak_memory_gb(cfg.hardware.device),
         "params/trainable": trainable,
         "params/total": total,
-        "time/train_s": result.metrics.get("train_runtime"),
+        "time/train_s": train_s,  # this attempt's training time
+        "run/attempt": start.attempt,
+        "run/resumed_from_step": start.step if start.checkpoint else None,
         **{f"derived/{k}": v for k, v in derived.items()},
     }
     if cfg.eval.enabled:
@@ -222,8 +235,38 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     return metrics
 
 
+def _train_summary(history: list[dict[str, Any]], trainer) -> dict[str, Any]:
+    """Loss and speed numbers from the whole history (carried over a resume, so they cover every attempt).
+    The mean loss weights each logged row by the steps it averages, as the trainer's own mean does."""
+    losses = [(r["train/global_step"], r["train/loss"]) for r in history if "train/loss" in r]
+    speeds = [r["train/tokens_per_s"] for r in history if "train/tokens_per_s" in r]
+    weighted, prev = 0.0, 0
+    for step, loss in losses:
+        weighted, prev = weighted + loss * (step - prev), step
+    return {
+        "train/loss": losses[-1][1] if losses else None,
+        "train/loss_first": losses[0][1] if losses else None,
+        "train/mean_loss": weighted / prev if prev else None,
+        "train/tokens_per_s": sum(speeds[1:]) / len(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None),
+        "train/tokens": trainer.state.num_input_tokens_seen,
+        "train/steps": trainer.state.global_step,
+    }
+
+
+def _readable_output(trainer) -> None:
+    """No raw dicts from the trainer: MetricsCallback logs a line per row. Off a terminal the trainer's
+    printer goes; on a terminal its progress bar stays, without the dict it writes under the bar."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    class ProgressBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBar())
+
+
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """metrics.json, written atomically so a crash never leaves half a file."""
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
-    tmp.replace(run_dir / "metrics.json")
+    rundir.write_json(run_dir / rundir.METRICS, metrics)
