@@ -35,10 +35,15 @@ log = logging.getLogger("sigil_exp")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def _as_typed(overrides) -> list[str]:
+    """Hydra's override strings as typed: `lora.alpha=${lora.r}` stays so (iterating would resolve it)."""
+    return [str(o) for o in OmegaConf.to_container(overrides, resolve=False)]
+
+
 def _job_context(cfg: RunConfig) -> tuple[list[str], str | None, list[str], bool]:
     """(task overrides, W&B group, tags, is_multirun) from Hydra's runtime config."""
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
+    overrides = _as_typed(hc.overrides.task)
     multirun = hc.mode == RunMode.MULTIRUN
     group = cfg.wandb.group
     if group is None and multirun:
@@ -72,7 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         except BaseException as e:
             if fresh:  # a sweep's report lists the job; an existing run's metrics.json is never overwritten
                 write_metrics(run_dir, {"status": "interrupted" if isinstance(e, RunInterrupted) else "failed",
-                                        "error": f"{type(e).__name__}: {e}", "overrides": list(HydraConfig.get().overrides.task)})
+                                        "error": f"{type(e).__name__}: {e}", "overrides": _as_typed(HydraConfig.get().overrides.task)})
             raise
         return _run_job(cfg, typed, run_dir, start, model_path)
 
@@ -210,7 +215,7 @@ def resume_command() -> str:
         args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(drop)]
         where = f"hydra.sweep.dir={Path(hc.sweep.dir).resolve()}"
     else:  # one run, or one job of a sweep run by submitit: continue that job's folder as a single run
-        args = [o for o in [*hc.overrides.hydra, *hc.overrides.task] if not o.lstrip("+~").startswith(drop)
+        args = [o for o in _as_typed(hc.overrides.hydra) + _as_typed(hc.overrides.task) if not o.lstrip("+~").startswith(drop)
                 and not o.startswith(("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper"))]
         where = f"hydra.run.dir={hc.runtime.output_dir}"
     return shlex.join(["python", "-m", "sigil_exp", *args, where, "train.resume=auto"])
