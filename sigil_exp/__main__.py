@@ -64,7 +64,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with rundir.locked(run_dir):  # a second writer is refused before anything is read or written
-        fresh = not (run_dir / rundir.METRICS).exists()
+        # Only a new folder's record (or an earlier failure's) may be replaced by this attempt's failure.
+        replaceable = rundir.read_json(run_dir / rundir.METRICS).get("status") in (None, "failed")
         try:
             typed = to_object(cfg)  # `???` and interpolation errors: one sentence
             validate(typed)  # bad values: before any W&B run, data work or model load
@@ -75,7 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 return start.finished
             model_path = check_run(typed)  # the model's module names, device, adapter, eval setup
         except BaseException as e:
-            if fresh:  # a sweep's report lists the job; an existing run's metrics.json is never overwritten
+            if replaceable:  # a sweep's report lists the job; a run's own record is never overwritten
                 write_metrics(run_dir, {"status": "interrupted" if isinstance(e, RunInterrupted) else "failed",
                                         "error": f"{type(e).__name__}: {e}", "overrides": _as_typed(HydraConfig.get().overrides.task)})
             raise

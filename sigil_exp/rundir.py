@@ -1,7 +1,7 @@
 """The run folder as a record you can trust: one writer, atomic files, complete checkpoints, resume.
 
     <run>/.lock              fcntl lock held while a process works in the folder (the kernel drops it on kill -9)
-    <run>/run_state.json     the W&B run (id, name, group, tags), the last step W&B got, attempts, restart flag
+    <run>/run_state.json     the W&B run (id, name, group, tags), attempts, whether a restart continues the run
     <run>/metrics.json       written whole (temp file + rename) at the end of every attempt
     <run>/checkpoints/checkpoint-N/   complete or absent: written under checkpoints/.partial/, then renamed;
                              each holds history.json (the metrics rows up to step N) next to the trainer's files
@@ -25,8 +25,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from transformers import TrainerCallback
 
 from sigil_exp.config import RunConfig, SigilError
 
@@ -186,19 +184,6 @@ def restore_final_checkpoint(trainer, ckpt: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
 
 
-class RecordWandbStep(TrainerCallback):
-    """Keeps `run_state.json`'s `wandb_step` at the last step sent to W&B, so a resumed attempt sends
-    W&B only the steps it does not have yet (each step once, nothing twice). Runs after MetricsCallback."""
-
-    def __init__(self, run_dir: Path, after: int):
-        self.run_dir, self.last = run_dir, after
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if state.global_step > self.last:
-            self.last = state.global_step
-            update_state(self.run_dir, wandb_step=self.last)
-
-
 # ------------------------------------------------------------------------------ how a run starts
 @dataclass
 class Start:
@@ -209,7 +194,6 @@ class Start:
     planned_steps: int = 0  # the checkpoint's max_steps (trainer_state.json)
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics rows up to `step`
     wandb: dict[str, Any] = field(default_factory=dict)  # id, name, group, tags of this run's W&B run
-    wandb_step: int = 0  # W&B already holds the rows up to this step
     attempt: int = 1
     finished: dict[str, Any] | None = None  # metrics.json of a run that is already done: nothing to do
 
@@ -245,8 +229,7 @@ def prepare(cfg: RunConfig, run_dir: Path) -> Start:
         return Start(attempt=state.get("attempts", 0) + 1)
 
     metrics = read_json(run_dir / METRICS)
-    start = Start(wandb=state.get("wandb") or {}, wandb_step=int(state.get("wandb_step") or 0),
-                  attempt=state.get("attempts", 0) + 1)
+    start = Start(wandb=state.get("wandb") or {}, attempt=state.get("attempts", 0) + 1)
     if metrics.get("status") == "ok" and not _asks_for_more(cfg, run_dir, metrics):
         start.finished = metrics
         return start

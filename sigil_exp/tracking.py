@@ -164,6 +164,20 @@ def check_online(base_url: str) -> None:
                          "network, or run with wandb.mode=offline and `wandb sync` later.") from None
 
 
+def steps_logged_before(run) -> int:
+    """The last step an earlier attempt of this (resumed) W&B run got to W&B; 0 for a new run. Offline: read
+    from the run's earlier fragments, so that rows a killed process never flushed count as missing (a resumed
+    attempt sends them again from its carried history). Online: the server's step counter."""
+    if run is None:
+        return 0
+    if run.settings.mode != "offline":
+        return max(run.step - 1, 0)
+    here = Path(run.settings.sync_file).parent
+    earlier = [d for d in here.parent.glob(f"offline-run-*-{run.id}") if d != here]
+    steps = [row.get("_step", 0) for d in earlier for row in read_offline_run(d)["history"]]
+    return max(steps, default=0)
+
+
 def finish_run(run, *, failed: bool = False, error: str | None = None, status: str | None = None,
                exit_code: int | None = None) -> None:
     """Always called (in a `finally`): the summary's `status` is ok, failed or interrupted, so sweeps show it.

@@ -26,6 +26,7 @@ from sigil_exp.config import RunConfig
 from sigil_exp.data import build_datasets
 from sigil_exp.preflight import preflight
 from sigil_exp.signals import RunInterrupted, StopOnSignal, graceful
+from sigil_exp.tracking import steps_logged_before
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,11 @@ class MetricsCallback(TrainerCallback):
 
     def __init__(self, device: str, wandb_run=None, history: list[dict[str, Any]] | None = None, wandb_after: int = 0):
         self.device, self.run = device, wandb_run
-        self.history: list[dict[str, Any]] = list(history or [])  # a resumed run carries its rows over
-        self.wandb_after = wandb_after  # W&B already holds the steps up to here (an earlier attempt of this run)
+        self.history: list[dict[str, Any]] = list(history or [])  # a resumed run carries its rows over ...
+        self.wandb_after = wandb_after  # ... and W&B holds the steps up to here from its earlier attempts
+        for row in self.history:  # rows W&B never got (a killed process's unflushed ones): send them once now
+            if self.run is not None and row["train/global_step"] > wandb_after:
+                self.run.log(row, step=row["train/global_step"])
         self._t0, self._tokens0 = None, 0
 
     def on_train_begin(self, args, state, control, **kw):
@@ -70,6 +74,10 @@ class MetricsCallback(TrainerCallback):
             self._t0, self._tokens0 = now, state.num_input_tokens_seen
         row["sys/peak_mem_gb"] = peak_memory_gb(self.device)
         row["train/global_step"] = state.global_step
+        if "train/loss_total" in row:  # the trainer's end-of-attempt totals: a summary, not a row of the history
+            if self.run is not None:
+                self.run.summary.update(row)
+            return
         self.history.append(row)
         if self.run is not None and state.global_step > self.wandb_after:
             self.run.log(row, step=state.global_step)
@@ -151,12 +159,14 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None, start: rundir.Start | N
           model_path: str | None = None) -> dict[str, Any]:
     """Run one fine-tuning job in `run_dir`; returns (and writes) its metrics.
 
-    `start` says where a resumed run continues (`rundir.prepare`); `model_path` skips the checks when
-    the caller has run them (`checks.check_run`) already."""
+    `start` says how this attempt begins (`rundir.prepare`, which runs here when it is not given: fresh,
+    resumed, or finished already); `model_path` skips the checks when the caller has run them already."""
     from trl import SFTTrainer
 
     t_start = time.perf_counter()
-    start = start or rundir.Start()
+    start = start if start is not None else rundir.prepare(cfg, run_dir)
+    if start.finished is not None:
+        return start.finished
     model_path = model_path or check_run(cfg)  # every value, the model's module names, device, eval setup
     if cfg.hardware.device == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -180,13 +190,11 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None, start: rundir.Start | N
                                   **{f"derived/{k}": v for k, v in derived.items()},
                                   **{f"data/{k}": v for k, v in data.stats.items() if isinstance(v, int | float)}})
 
-    callback = MetricsCallback(cfg.hardware.device, wandb_run, history=start.history, wandb_after=start.wandb_step)
-    callbacks = [callback, StopOnSignal()]
-    if wandb_run is not None:
-        callbacks.append(rundir.RecordWandbStep(run_dir, start.wandb_step))
+    callback = MetricsCallback(cfg.hardware.device, wandb_run, history=start.history,
+                               wandb_after=steps_logged_before(wandb_run))
     trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir, data.eval is not None),
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                         callbacks=callbacks)
+                         callbacks=[callback, StopOnSignal()])
     _readable_output(trainer)
     rundir.save_checkpoints_atomically(trainer, history=lambda: callback.history)
     modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer

@@ -38,13 +38,12 @@ def test_resume_auto_takes_the_newest_complete_checkpoint_and_says_which(cache_d
     fake_checkpoint(tmp_path, 4, history_steps=[1, 2, 3, 4, 5])  # a row past the save (logged later) is not carried
     fake_checkpoint(tmp_path, 6, files=("adapter_model.safetensors", "optimizer.pt"))  # killed mid-save (old style)
     (tmp_path / "checkpoints" / rundir.STAGING / "checkpoint-8").mkdir(parents=True)  # killed mid-save (atomic)
-    rundir.update_state(tmp_path, wandb={"id": "abc123", "name": "r16", "group": None, "tags": []}, wandb_step=7,
-                        attempts=1)
+    rundir.update_state(tmp_path, wandb={"id": "abc123", "name": "r16", "group": None, "tags": []}, attempts=1)
     with caplog.at_level(logging.INFO, logger="sigil_exp.rundir"):
         start = rundir.prepare(smoke_cfg(cache_dir, "train.resume=auto"), tmp_path)
     assert start.checkpoint == tmp_path / "checkpoints" / "checkpoint-4" and start.step == 4
     assert [r["train/global_step"] for r in start.history] == [1, 2, 3, 4]
-    assert start.wandb["id"] == "abc123" and start.wandb_step == 7 and start.attempt == 2 and start.finished is None
+    assert start.wandb["id"] == "abc123" and start.attempt == 2 and start.finished is None
     log = caplog.text
     assert "checkpoint-6 (no trainer_state.json, scheduler.pt" in log and "continuing from" in log and "checkpoint-4" in log
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -37,7 +37,7 @@ def _log_has(pattern: str):
 DRILLS = [
     ("kill -9 before the first checkpoint", _log_has(r"step 2/12: loss")),
     ("kill -9 after step 7 (last checkpoint: step 6)", _log_has(r"step 7/12: loss")),
-    ("kill -9 during a save", lambda d: (d / "checkpoints" / ".partial").is_dir()),
+    ("kill -9 during the save of checkpoint-6", lambda d: (d / "checkpoints" / ".partial" / "checkpoint-6").is_dir()),
     ("kill -9 after the final checkpoint", lambda d: (d / "checkpoints" / "checkpoint-12").is_dir()),
 ]
 
@@ -107,9 +107,9 @@ def test_a_preempted_submitit_job_requeues_and_continues(cache_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "sigil_exp", "-m", "hydra/launcher=submitit_local", "lora.r=4",
                              *COMMON, f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    job = tmp_path / "0_lora.r=4"
-    while proc.poll() is None and not (job / "checkpoints" / "checkpoint-3").is_dir():
+    while proc.poll() is None and not list(tmp_path.glob("0_*/checkpoints/checkpoint-3")):
         time.sleep(0.02)
+    (job,) = tmp_path.glob("0_*")
     pid = int((job / ".lock").read_text().split()[1])  # "pid N on <host> since ..."
     os.kill(pid, signal.SIGUSR2)
     out, err = proc.communicate(timeout=900)
