@@ -8,6 +8,7 @@ be pushed later with `wandb sync`. `read_offline_run` decodes that file (a Level
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def init_run(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], *, name
 
     settings = wandb.Settings(console="off", silent=True, x_disable_stats=True, init_timeout=ONLINE_TIMEOUT_S)
     if cfg.wandb.mode == "online":
-        check_online(settings.base_url)
+        check_online(os.environ.get("WANDB_BASE_URL") or settings.base_url)
     try:
         run = wandb.init(
             mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name,
