@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes looks for an optional hub-fetched CPU kernel and falls back to its own: not news.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft 0.21 asks every model it wraps for transformers 5's deprecated alias: once per job, nothing to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if not sys.stderr.isatty():
         _quiet_progress_bars()
     try:
