@@ -3,6 +3,7 @@ at compose time (Hydra) or at validation (one sentence naming the key)."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_defaults_are_the_seed_configuration():
     assert (hw.name, hw.precision, hw.optimizer, hw.packing) == ("h100", "bf16", "paged_adamw_8bit", True)
     assert to_object(compose_cfg("hardware=consumer_24gb")).hardware.gradient_checkpointing
     assert cfg.train.scheduler == "cosine" and cfg.train.warmup_ratio > 0
-    assert cfg.wandb.mode == "offline"
+    assert cfg.wandb.mode == os.environ.get("WANDB_MODE", "offline")  # $WANDB_MODE, else offline
     validate(cfg)
 
 
