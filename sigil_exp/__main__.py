@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
+import shlex
+import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
+from sigil_exp import rundir, signals
 from sigil_exp.config import RunConfig, SigilError, to_object, validate
+from sigil_exp.signals import RunInterrupted
 from sigil_exp.tracking import objective_value, sweep_group, swept_keys
 
 log = logging.getLogger("sigil_exp")
@@ -33,10 +36,15 @@ log = logging.getLogger("sigil_exp")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def _as_typed(overrides) -> list[str]:
+    """Hydra's override strings as typed: `lora.alpha=${lora.r}` stays so (iterating would resolve it)."""
+    return [str(o) for o in OmegaConf.to_container(overrides, resolve=False)]
+
+
 def _job_context(cfg: RunConfig) -> tuple[list[str], str | None, list[str], bool]:
     """(task overrides, W&B group, tags, is_multirun) from Hydra's runtime config."""
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
+    overrides = _as_typed(hc.overrides.task)
     multirun = hc.mode == RunMode.MULTIRUN
     group = cfg.wandb.group
     if group is None and multirun:
@@ -50,60 +58,72 @@ def _job_context(cfg: RunConfig) -> tuple[list[str], str | None, list[str], bool
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One job: typed config, run folder, then the job here or (hardware.nproc_per_node/nnodes > 1) in
-    worker processes started by torch's elastic launcher, each with this resolved config."""
+    """One job: lock the run folder, check every value, decide how it starts (fresh, resumed, or finished
+    already: nothing to do), then the job here, or (hardware.nproc_per_node / nnodes > 1) in worker
+    processes that torch's elastic launcher starts with this resolved config (sigil_exp.launch)."""
     from sigil_exp import launch
-    from sigil_exp.tracking import run_name
+    from sigil_exp.checks import check_run
     from sigil_exp.train import write_metrics
 
-    t_start = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        typed = to_object(cfg)
-    except MissingMandatoryValue as e:
-        raise SigilError(f"{e.full_key} is required but not set (???); add `{e.full_key}=<value>` to the command.") from None
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(OmegaConf.create(resolved), run_dir / "resolved_config.yaml")
+    with rundir.locked(run_dir):  # a second writer is refused before anything is read or written
+        # Only a new folder's record (or an earlier failure's) may be replaced by this attempt's failure.
+        replaceable = rundir.read_json(run_dir / rundir.METRICS).get("status") in (None, "failed")
+        try:
+            typed = to_object(cfg)  # `???` and interpolation errors: one sentence
+            validate(typed)  # bad values: before any W&B run, data work or model load
+            if typed.dry_run:
+                plan = launch.plan_text(launch.rendezvous(typed.hardware, run_dir), run_dir) \
+                    if launch.wants_launch(typed.hardware) else "one process"
+                log.info("dry_run=true: the config composes and validates; nothing was trained. %s", plan)
+                return {"status": "dry_run"}
+            start = rundir.prepare(typed, run_dir)
+            if start.finished is not None:
+                log.info("Run in %s already finished (%s steps, status ok); nothing to do, nothing changed. To train "
+                         "it further, raise train.max_steps.", run_dir, start.finished.get("train/steps"))
+                return start.finished
+            model_path = check_run(typed)  # the model's module names, device, adapter, eval setup (built once here)
+        except BaseException as e:
+            if replaceable:  # a sweep's report lists the job; a run's own record is never overwritten
+                write_metrics(run_dir, {"status": "interrupted" if isinstance(e, RunInterrupted) else "failed",
+                                        "error": f"{type(e).__name__}: {e}", "overrides": _as_typed(HydraConfig.get().overrides.task)})
+            raise
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        overrides, group, tags, _ = _job_context(typed)
+        job = {"overrides": overrides, "group": group, "tags": tags, "model_path": model_path}
+        if launch.wants_launch(typed.hardware):
+            rundir.write_config(run_dir, resolved)  # what the workers read
+            return launch.launch(run_dir, typed.hardware, {**job, "start": rundir.start_to_json(start)})
+        return run_job(typed, run_dir, resolved, start, **job)
 
-    overrides, group, tags, multirun = _job_context(typed)
-    name = typed.wandb.name or run_name(typed, overrides)
-    if not launch.wants_launch(typed.hardware):
-        return run_job(typed, run_dir, resolved, name=name, group=group, tags=tags, overrides=overrides)
-    validate(typed)  # a bad value fails here, once, not in every worker
-    if typed.dry_run:
-        log.info(launch.plan_text(launch.rendezvous(typed.hardware, run_dir), run_dir))
-        return {"status": "dry_run"}
-    try:
-        launch.launch(run_dir, typed.hardware, {"name": name, "group": group, "tags": tags, "overrides": overrides})
-    except BaseException as e:
-        metrics_file = run_dir / "metrics.json"
-        if not metrics_file.is_file() or json.loads(metrics_file.read_text()).get("status") == "ok":
-            write_metrics(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}", "name": name,
-                                    "overrides": overrides, "time/wall_s": time.perf_counter() - t_start})
-        raise
-    return json.loads((run_dir / "metrics.json").read_text())
 
-
-def run_job(typed: RunConfig, run_dir: Path, resolved: dict[str, Any], *, name: str, group: str | None,
-            tags: list[str], overrides: list[str]) -> dict[str, Any]:
-    """The job itself, in this process (a single run, or one worker of a multi-process run): W&B run
-    (main process only, finished in `finally`), training, metrics."""
+def run_job(typed: RunConfig, run_dir: Path, resolved: dict[str, Any], start: rundir.Start, *,
+            overrides: list[str], group: str | None, tags: list[str], model_path: str) -> dict[str, Any]:
+    """The job in this process (a single run, or one worker of a multi-process run): the W&B run (main
+    process only, finished in `finally`), training, metrics. Only the main process writes."""
     from sigil_exp.distributed import is_main
-    from sigil_exp.tracking import finish_run, init_run, summary_metrics
+    from sigil_exp.tracking import finish_run, init_run, run_name, summary_metrics
     from sigil_exp.train import train, write_metrics
 
     t_start = time.perf_counter()
-    wandb_run, failed, error = None, False, None
+    main = is_main()
+    if main:
+        rundir.write_config(run_dir, resolved)
+    # A resumed run keeps its W&B identity (a sweep job resumed as a single run stays in its sweep's group).
+    wb = start.wandb or {"name": typed.wandb.name or run_name(typed, overrides), "group": group, "tags": tags}
+    name = wb["name"]
+    if main:
+        rundir.update_state(run_dir, attempts=start.attempt, resume_on_restart=False)
+    wandb_run, status, error, code = None, "failed", None, None
     try:
-        if typed.dry_run:
-            log.info("dry_run=true: the config composes and validates; nothing was trained (%s)", run_dir)
-            validate(typed)
-            return {"status": "dry_run"}
-        if typed.wandb.mode != "disabled" and is_main():
-            wandb_run = init_run(typed, run_dir, resolved, name=name, group=group, tags=tags)
-        log.info("Run %s -> %s", name, run_dir)
-        metrics = train(typed, run_dir, wandb_run)
-        if not is_main():
+        if typed.wandb.mode != "disabled" and main:
+            wandb_run = init_run(typed, run_dir, resolved, name=name, group=wb["group"], tags=wb["tags"],
+                                 run_id=wb.get("id"))
+            rundir.update_state(run_dir, wandb={**wb, "id": wandb_run.id})
+        log.info("Run %s -> %s%s", name, run_dir, f" (attempt {start.attempt})" if start.attempt > 1 else "")
+        metrics = train(typed, run_dir, wandb_run, start=start, model_path=model_path)
+        status = "ok"
+        if not main:
             return metrics
         metrics.update(name=name, overrides=overrides)
         write_metrics(run_dir, metrics)
@@ -111,14 +131,22 @@ def run_job(typed: RunConfig, run_dir: Path, resolved: dict[str, Any], *, name: 
             wandb_run.summary.update(summary_metrics(metrics, typed.sweep.objective, typed.sweep.direction))
         _print_summary(run_dir, metrics, wandb_run)
         return metrics
+    except RunInterrupted as e:
+        status, error, code = "interrupted", str(e), e.exit_code
+        if main and not e.recorded:  # stopped outside training: train() wrote nothing
+            write_metrics(run_dir, {"status": "interrupted", "error": error, "name": name, "overrides": overrides,
+                                    "time/wall_s": time.perf_counter() - t_start})
+        if main:  # SIGTERM / a launcher's preemption signal: the launcher may restart this same command
+            rundir.update_state(run_dir, resume_on_restart=e.signum != signal.SIGINT, stopped_by=e.name)
+        raise
     except BaseException as e:
-        failed, error = True, f"{type(e).__name__}: {e}"
-        if is_main():  # record the failure in the run folder before anything else can go wrong
+        error = f"{type(e).__name__}: {e}"
+        if main:  # record the failure in the run folder before anything else can go wrong
             write_metrics(run_dir, {"status": "failed", "error": error, "name": name, "overrides": overrides,
                                     "time/wall_s": time.perf_counter() - t_start})
         raise
     finally:
-        finish_run(wandb_run, failed=failed, error=error)
+        finish_run(wandb_run, status=status, error=error, exit_code=code)
 
 
 def _print_summary(run_dir: Path, metrics: dict[str, Any], wandb_run) -> None:
@@ -138,7 +166,9 @@ def _print_summary(run_dir: Path, metrics: dict[str, Any], wandb_run) -> None:
     ]
     if wandb_run is not None and wandb_run.settings.mode == "offline":
         offline = Path(wandb_run.settings.sync_file).parent
-        lines.append(f"  W&B offline: {offline}   (push: wandb sync {offline})")
+        fragments = sorted(offline.parent.glob(f"offline-run-*-{wandb_run.id}"))  # one per attempt of a resumed run
+        push = offline if len(fragments) < 2 else offline.parent / f"offline-run-*-{wandb_run.id}"
+        lines.append(f"  W&B offline: {offline}   (push: wandb sync {push})")
     log.info("\n".join(lines))
 
 
@@ -173,9 +203,14 @@ def hydra_main(cfg: DictConfig) -> float:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     objective, direction = cfg.sweep.objective, cfg.sweep.direction
     try:
-        if multirun and cfg.sweep.one_gpu_per_job:
-            _pin_gpu(cfg)
-        return objective_value(run(cfg), objective, direction)
+        with signals.handled():  # Ctrl-C / SIGTERM: a clean stop, one line, a distinct exit code
+            if multirun and cfg.sweep.one_gpu_per_job:
+                _pin_gpu(cfg)
+            return objective_value(run(cfg), objective, direction)
+    except RunInterrupted as e:
+        print(f"sigil_exp: {e}; resume with: {resume_command()}", file=sys.stderr)
+        signals.hand_back(e)  # under submitit: its preemption hook requeues the job (and exits)
+        sys.exit(e.exit_code)
     except SigilError as e:
         print(f"sigil_exp: {e}", file=sys.stderr)
         if not multirun:
@@ -193,11 +228,45 @@ def hydra_main(cfg: DictConfig) -> float:
     return objective_value({"status": "failed"}, objective, direction)
 
 
+def resume_command() -> str:
+    """The command that continues this run: its overrides, its folder, train.resume=auto. In a sweep run in
+    this process (the basic launcher), the whole sweep: finished jobs then say so and change nothing."""
+    hc = HydraConfig.get()
+    drop = ("train.resume=", "train.overwrite=", "hydra.run.dir=", "hydra.sweep.dir=", "hydra.mode=", "hydra.job.")
+    if hc.mode == RunMode.MULTIRUN and "BasicLauncher" in str(OmegaConf.select(hc, "launcher._target_", default="")):
+        args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(drop)]
+        where = f"hydra.sweep.dir={Path(hc.sweep.dir).resolve()}"
+    else:  # one run, or one job of a sweep run by submitit: continue that job's folder as a single run
+        args = [o for o in _as_typed(hc.overrides.hydra) + _as_typed(hc.overrides.task) if not o.lstrip("+~").startswith(drop)
+                and not o.startswith(("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper"))]
+        where = f"hydra.run.dir={hc.runtime.output_dir}"
+    return shlex.join(["python", "-m", "sigil_exp", *args, where, "train.resume=auto"])
+
+
+def _quiet_progress_bars() -> None:
+    """Off a terminal, progress bars are lines of carriage returns in the log: datasets', the model loader's."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes looks for an optional hub-fetched CPU kernel and falls back to its own: not news.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    hydra_main()
+    # peft 0.21 asks every model it wraps for transformers 5's deprecated alias: once per job, nothing to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if not sys.stderr.isatty():
+        _quiet_progress_bars()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # before the job's handlers were installed (imports, composing the config)
+        print("sigil_exp: interrupted before the run started; nothing was written.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

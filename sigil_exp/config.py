@@ -9,6 +9,7 @@ sentence naming the key and the fix.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,7 +185,8 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int = 2
     init_adapter: str | None = None  # start from this adapter (phase 2)
-    resume: str | None = None  # null | auto (last checkpoint in the run folder) | <checkpoint path>
+    resume: str | None = None  # null | auto (newest complete checkpoint in the run folder) | <checkpoint path>
+    overwrite: bool = False  # start over in a run folder that holds checkpoints (deletes them)
     # null | eval/pass@1 | eval/compile_rate: <run>/adapter = the adapter of the step where the in-training
     # evaluation (eval.every_steps) scored best (first to reach it); the last step's stays in checkpoints/
     keep_best: str | None = None
@@ -325,12 +327,52 @@ _CHOICES = {
 _PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+# (key, rule, what the value must be, an example of a good value): checked before anything runs.
+_RANGES: list[tuple[str, Any, str, str]] = [
+    ("train.lr", lambda v: _finite(v) and v > 0, "a positive number", "2e-4"),
+    ("train.warmup_ratio", lambda v: _finite(v) and 0 <= v < 1, "a fraction of the total steps in [0, 1)", "0.03"),
+    ("train.epochs", lambda v: _finite(v) and v >= 0, ">= 0 (it counts when train.max_steps <= 0)", "1"),
+    ("train.weight_decay", lambda v: _finite(v) and v >= 0, ">= 0", "0.0"),
+    ("train.max_grad_norm", lambda v: _finite(v) and v >= 0, ">= 0 (0 turns clipping off)", "1.0"),
+    ("train.logging_steps", lambda v: v >= 1, ">= 1 (log every N steps)", "10"),
+    ("train.save_steps", lambda v: v >= 1, ">= 1 (a checkpoint every N steps)", "500"),
+    ("train.eval_steps", lambda v: v >= 0, ">= 0 (0 evaluates only at the end)", "100"),
+    ("train.save_total_limit", lambda v: v >= 1, ">= 1 (train.resume=auto needs a checkpoint)", "2"),
+    ("train.seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)", "42"),
+    ("model.max_seq_len", lambda v: v >= 16, ">= 16 tokens", "2048"),
+    ("hardware.dataloader_workers", lambda v: v >= 0, ">= 0 (0 loads batches in the training process)", "2"),
+    ("eval.n_samples", lambda v: v >= 1, ">= 1 (pass@k needs n >= k)", "1"),
+    ("eval.limit", lambda v: v is None or v >= 1, ">= 1 or null (all problems)", "null"),
+    ("eval.temperature", lambda v: _finite(v) and v >= 0, ">= 0 (0 is greedy)", "0.0"),
+    ("eval.top_p", lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]", "0.95"),
+    ("eval.max_new_tokens", lambda v: v >= 1, ">= 1", "512"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1", "8"),
+    ("eval.workers", lambda v: v >= 1, ">= 1", "2"),
+    ("eval.crate_size", lambda v: v >= 1, ">= 1 (1 compiles each sample alone)", "32"),
+    ("eval.timeout_s", lambda v: _finite(v) and v > 0, "a positive number of seconds", "10"),
+    ("eval.compile_timeout_s", lambda v: _finite(v) and v > 0, "a positive number of seconds", "60"),
+    ("eval.run_mem_mb", lambda v: v >= 64, ">= 64", "1024"),
+]
+
+
 def validate(cfg: DictConfig | RunConfig) -> None:
     """Cross-group rules the schema cannot express. Raises SigilError with one sentence."""
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else _get(cfg, key)
         if value not in allowed:
-            raise SigilError(f"{key}={value!r} is not one of {', '.join(allowed)}; set {key} to one of them.")
+            hint = " (it comes from $WANDB_MODE)" if key == "wandb.mode" and os.environ.get("WANDB_MODE") == value else ""
+            raise SigilError(f"{key}={value!r}{hint} is not one of {', '.join(allowed)}; set {key} to one of them.")
+    for key, ok, want, example in _RANGES:
+        value = OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else _get(cfg, key)
+        if not ok(value):
+            raise SigilError(f"{key}={value} must be {want}; set it on the command line, e.g. {key}={example}.")
+    if cfg.train.resume and cfg.train.overwrite:
+        raise SigilError(f"train.resume={cfg.train.resume} and train.overwrite=true contradict each other; "
+                         "keep one (resume continues the run, overwrite deletes its checkpoints).")
     q, lora, hw, tr, data = cfg.quant, cfg.lora, cfg.hardware, cfg.train, cfg.data
     if lora.r <= 0:
         raise SigilError(f"lora.r={lora.r} must be a positive integer; try lora.r=16.")
@@ -436,7 +478,20 @@ def _get(obj: Any, dotted: str) -> Any:
 
 
 def to_object(cfg: DictConfig) -> RunConfig:
-    """Resolve interpolations and turn the composed DictConfig into the typed RunConfig."""
-    obj = OmegaConf.to_object(cfg)
+    """Resolve interpolations and turn the composed DictConfig into the typed RunConfig. A value left
+    `???` or an interpolation that does not resolve fails in one sentence naming the key."""
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
+
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise SigilError(f"{e.full_key} is required but not set (???); add `{e.full_key}=<value>` to the command.") from None
+    except (InterpolationResolutionError, ValidationError) as e:
+        raw = OmegaConf.to_container(cfg, resolve=False)
+        for part in str(e.full_key).split("."):
+            raw = raw.get(part) if isinstance(raw, dict) else None
+        reason = str(e).splitlines()[0].rstrip(".")
+        raise SigilError(f"{e.full_key}={raw} cannot be resolved ({reason}); fix the value, e.g. "
+                         "'lora.alpha=${lora.r}' refers to another key by its full name.") from None
     assert isinstance(obj, RunConfig)
     return obj

@@ -110,3 +110,17 @@ def time_allreduce(numel: int, reps: int = 10) -> float | None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / reps * 1e3
+
+
+def agree(value: int) -> int:
+    """The largest `value` over the ranks (e.g. a stop request one rank saw): every rank then acts on the
+    same step. The value itself in one process. Collective: every rank calls it."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

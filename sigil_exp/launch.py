@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
 EXIT_SIGIL_ERROR = 2
+INTERRUPTED = "interrupted"  # a worker stopped by a signal writes "interrupted <signal number>"
 
 
 def wants_launch(hw: HardwareConfig) -> bool:
@@ -85,10 +86,16 @@ def plan_text(plan: dict[str, Any], run_dir: Path) -> str:
             f"workers run `{sys.executable} -m sigil_exp.launch --worker {run_dir}`")
 
 
-def launch(run_dir: Path, hw: HardwareConfig, job: dict[str, Any]) -> None:
-    """Start the workers and wait; a failure on any rank ends the job with that rank's message."""
+def launch(run_dir: Path, hw: HardwareConfig, job: dict[str, Any]) -> dict[str, Any]:
+    """Start the workers and wait; returns the metrics rank 0 wrote. A failure on any rank ends the job
+    with that rank's own sentence (SigilError); a signal ends it as RunInterrupted once the workers have
+    stopped at a step boundary and saved (they record that themselves)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from sigil_exp import rundir
+    from sigil_exp.signals import RunInterrupted
 
     plan = rendezvous(hw, run_dir)
     if hw.device == "cuda":
@@ -97,7 +104,7 @@ def launch(run_dir: Path, hw: HardwareConfig, job: dict[str, Any]) -> None:
         if torch.cuda.device_count() < hw.nproc_per_node:
             raise SigilError(f"hardware.nproc_per_node={hw.nproc_per_node} but this node has {torch.cuda.device_count()} "
                              f"GPU(s); set hardware.nproc_per_node={max(torch.cuda.device_count(), 1)}.")
-    (run_dir / "launch.json").write_text(json.dumps({**job, "plan": plan}, indent=1, default=str))
+    rundir.write_json(run_dir / "launch.json", {**job, "plan": plan})
     errors = run_dir / ".launch_errors"
     shutil.rmtree(errors, ignore_errors=True)
     errors.mkdir(parents=True)
@@ -108,23 +115,35 @@ def launch(run_dir: Path, hw: HardwareConfig, job: dict[str, Any]) -> None:
     os.environ["SIGIL_LAUNCH_ERRORS"] = str(errors)
     try:
         elastic_launch(cfg, sys.executable)("-m", "sigil_exp.launch", "--worker", str(run_dir))
+    except SignalException as e:  # this process got SIGTERM / SIGINT; the workers got it too and saved
+        raise RunInterrupted(int(e.sigval), recorded=True) from None
     except ChildFailedError as e:
-        raise SigilError(_failure_sentence(errors, e)) from None
+        sentence, signum = _failure(errors, e)
+        if signum:
+            raise RunInterrupted(signum, recorded=True) from None
+        if rundir.read_json(run_dir / rundir.METRICS).get("status") in (None, "ok"):
+            rundir.write_json(run_dir / rundir.METRICS, {"status": "failed", "error": sentence,
+                                                         "overrides": job.get("overrides")})
+        raise SigilError(sentence) from None
     finally:
         os.environ.pop("SIGIL_LAUNCH_ERRORS", None)
     shutil.rmtree(errors, ignore_errors=True)
+    return rundir.read_json(run_dir / rundir.METRICS)
 
 
-def _failure_sentence(errors: Path, e: Exception) -> str:
-    """The first failing rank's own one-line message (written by the worker), else the launcher's."""
+def _failure(errors: Path, e: Exception) -> tuple[str, int | None]:
+    """(the first failing rank's own one-line message, or the launcher's; the signal if it was one)."""
     found = sorted(errors.glob("rank*.txt"), key=lambda p: p.stat().st_mtime)
     if found:
         first = found[0]
-        return f"{first.stem.replace('rank', 'rank ')} failed: {first.read_text().strip()}"
+        text = first.read_text().strip()
+        if text.startswith(INTERRUPTED):
+            return text, int(text.split()[1])
+        return f"{first.stem.replace('rank', 'rank ')} failed: {text}", None
     failures = getattr(e, "failures", {}) or {}
     rank, failure = min(failures.items()) if failures else ("?", None)
     what = getattr(failure, "message", None) or str(e).strip().splitlines()[0]
-    return f"rank {rank} failed (exit code {getattr(failure, 'exitcode', '?')}): {what}"
+    return f"rank {rank} failed (exit code {getattr(failure, 'exitcode', '?')}): {what}", None
 
 
 def _worker_logging(run_dir: Path) -> None:
@@ -139,29 +158,36 @@ def _worker_logging(run_dir: Path) -> None:
 
 
 def worker_main(run_dir: Path) -> int:
-    """One worker: the parent's resolved config and job context, the process group, the job."""
+    """One worker: the parent's resolved config, start and job context; the process group; the job."""
     from omegaconf import OmegaConf
 
-    from sigil_exp import distributed
+    from sigil_exp import distributed, rundir
     from sigil_exp.config import RunConfig, to_object
+    from sigil_exp.signals import RunInterrupted, handled
 
     _worker_logging(run_dir)
     job = json.loads((run_dir / "launch.json").read_text())
     try:
-        cfg = to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(run_dir / "resolved_config.yaml")))
-        distributed.init(cfg.hardware.device)
-        from sigil_exp.__main__ import run_job
+        with handled():  # a signal outside training (loading, data) stops this worker cleanly
+            resolved = OmegaConf.load(run_dir / "resolved_config.yaml")
+            cfg = to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), resolved))
+            distributed.init(cfg.hardware.device)
+            from sigil_exp.__main__ import run_job
 
-        resolved = OmegaConf.to_container(OmegaConf.load(run_dir / "resolved_config.yaml"))
-        run_job(cfg, run_dir, resolved, name=job["name"], group=job["group"], tags=job["tags"], overrides=job["overrides"])
+            run_job(cfg, run_dir, OmegaConf.to_container(resolved), rundir.start_from_json(job["start"]),
+                    overrides=job["overrides"], group=job["group"], tags=job["tags"], model_path=job["model_path"])
         return 0
     except BaseException as e:  # the parent reports the first failing rank's sentence
-        msg = str(e) if isinstance(e, SigilError) else f"{type(e).__name__}: {e}"
+        interrupted = isinstance(e, RunInterrupted | KeyboardInterrupt)
+        msg = f"{INTERRUPTED} {getattr(e, 'signum', 2)}" if interrupted else \
+            (str(e) if isinstance(e, SigilError) else f"{type(e).__name__}: {e}")
         errors = os.environ.get("SIGIL_LAUNCH_ERRORS")
         if errors:
             Path(errors, f"rank{distributed.rank()}.txt").write_text(msg.splitlines()[0] if msg else type(e).__name__)
-        if not isinstance(e, SigilError | KeyboardInterrupt):
+        if not (interrupted or isinstance(e, SigilError)):
             logging.getLogger("sigil_exp").exception("rank %d failed", distributed.rank())
+        if interrupted:
+            return getattr(e, "exit_code", 130)
         return EXIT_SIGIL_ERROR if isinstance(e, SigilError) else 1
     finally:
         import torch.distributed as dist

@@ -34,6 +34,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from sigil_exp.report_plots import plot_loss_curves, plot_objective_vs, safe_name
+
 log = logging.getLogger(__name__)
 
 # (column title, metrics.json key, format): the table's metric columns, in order. Eval rates appear
@@ -60,7 +62,7 @@ class Job:
     overrides: dict[str, str]  # key -> value as typed on the command line (after sweep expansion)
     metrics: dict[str, Any]
     config: dict[str, Any]  # resolved config (empty if the job died before writing it)
-    status: str  # ok | failed | crashed (no metrics.json: killed, e.g. by the OOM killer)
+    status: str  # ok | failed | interrupted (Ctrl-C/SIGTERM) | killed (no metrics.json) | running (folder locked)
     error: str = ""
     name: str = ""
     group: str = ""  # W&B group
@@ -125,7 +127,25 @@ def _job_num(job_dir: Path) -> int:
     return int(m.group(1)) if m else 10**9
 
 
+def _from_wandb(run: dict[str, Any]) -> dict[str, Any]:
+    """Numbers of a job that left no metrics.json: the last logged value of each key, then the summary's
+    scalars (a defined metric's summary is a dict such as {'min': .., 'last': ..}: its last, else max)."""
+    metrics: dict[str, Any] = {}
+    for row in run["history"]:
+        metrics.update({k: v for k, v in row.items() if not k.startswith("_")})
+    for k, v in run["summary"].items():
+        if isinstance(v, dict):
+            v = v.get("last", v.get("max"))
+        if not k.startswith("_") and (isinstance(v, int | float | str) or v is None):
+            metrics[k] = v
+    if "train/global_step" in metrics:
+        metrics.setdefault("train/steps", metrics["train/global_step"])
+    return metrics
+
+
 def read_job(job_dir: Path) -> Job:
+    from sigil_exp.rundir import is_locked
+
     overrides = dict(_split_override(o) for o in (_read_yaml(job_dir / ".hydra" / "overrides.yaml") or []))
     config = _read_yaml(job_dir / "resolved_config.yaml") or {}
     try:
@@ -134,12 +154,14 @@ def read_job(job_dir: Path) -> Job:
         metrics = {}
     run = _wandb_run(job_dir)
     if not metrics and run is not None:  # died before metrics.json: what W&B got is all there is
-        metrics = {k: v for k, v in run["summary"].items() if not k.startswith("_")}
-        metrics["status"] = "crashed"
-    status = metrics.get("status") or "crashed"
+        metrics = _from_wandb(run)
+        metrics["status"] = "killed"
+    status = "running" if is_locked(job_dir) else (metrics.get("status") or "killed")
     error = str(metrics.get("error") or "")
-    if status == "crashed" and not error:
-        error = "no metrics.json: the job was killed (out of memory? time limit?) or is still running"
+    if status == "killed" and not error:
+        error = "no metrics.json: the job was killed (out of memory? time limit? kill -9?)"
+    elif status == "running":
+        error = "still running (its folder is locked by a live process)"
     history = metrics.get("history") or (run["history"] if run else [])
     name = metrics.get("name") or (run["run"].get("name") if run else "") or ""
     return Job(dir=job_dir, num=_job_num(job_dir), overrides=overrides, metrics=metrics, config=config,
@@ -167,7 +189,7 @@ def swept_keys(sweep_dir: Path, jobs: list[Job]) -> list[str]:
 
 def collect(sweep_dir: str | Path, objective: str | None = None, direction: str | None = None
             ) -> tuple[list[Job], dict[str, Any]]:
-    """All jobs, best first by the objective (failed and crashed jobs last), and the sweep's facts."""
+    """All jobs, best first by the objective (failed, interrupted and killed jobs last), and the sweep's facts."""
     from sigil_exp.tracking import objective_value
 
     sweep_dir = Path(sweep_dir)
@@ -196,11 +218,12 @@ def collect(sweep_dir: str | Path, objective: str | None = None, direction: str 
 
 # --------------------------------------------------------------------------------------- writing
 def _fmt(value: Any, spec: str) -> str:
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
+    """A number in its format, `—` when there is none (never a raw dict or list)."""
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, int | float):
         return spec.format(value) if math.isfinite(value) else str(value)
-    return str(value)
+    return value if isinstance(value, str) and value else "—"
 
 
 def _metric_columns(jobs: list[Job]) -> list[tuple[str, str, str]]:
@@ -234,14 +257,22 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def status_counts(jobs: list[Job]) -> str:
+    """e.g. `2 ok, 1 failed, 1 killed`."""
+    counts: dict[str, int] = {"ok": 0}
+    for j in jobs:
+        counts[j.status] = counts.get(j.status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 def markdown(jobs: list[Job], facts: dict[str, Any], plots: list[Path]) -> str:
     cols = _metric_columns(jobs)
     arrow = "lower is better" if facts["direction"] == "minimize" else "higher is better"
     ok = [j for j in jobs if j.status == "ok"]
     bad = [j for j in jobs if j.status != "ok"]
     lines = [f"# Sweep report: {facts['sweep_dir']}", ""]
-    lines.append(f"{len(jobs)} jobs: {len(ok)} ok, {len(bad)} failed. Sorted by **{facts['objective']}** "
-                 f"({arrow}); failed jobs last.")
+    lines.append(f"{len(jobs)} jobs: {status_counts(jobs)}. Sorted by **{facts['objective']}** ({arrow}); "
+                 "jobs that did not finish last.")
     if facts["swept"]:
         lines.append(f"Swept: {', '.join(f'`{k}`' for k in facts['swept'])}.")
     if facts["common"]:
@@ -265,7 +296,7 @@ def markdown(jobs: list[Job], facts: dict[str, Any], plots: list[Path]) -> str:
                  _fmt(j.objective, "{:.4f}"), *(_fmt(j.metrics.get(c[1]), c[2]) for c in cols)]
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     if bad:
-        lines += ["", "## Failed jobs", ""]
+        lines += ["", "## Jobs that did not finish", ""]
         for j in bad:
             ov = " ".join(f"{k}={v}" for k, v in j.overrides.items() if k not in facts["common"])
             lines.append(f"- job {j.num} (`{ov}`): {j.status}: {_md_escape(j.error[:500])} — log: `{j.dir / 'run.log'}`")
@@ -278,95 +309,6 @@ def markdown(jobs: list[Job], facts: dict[str, Any], plots: list[Path]) -> str:
     lines += ["", "Files: `report.csv` (every override and metric), job folders (`metrics.json`, `adapter/`, "
                   "`wandb/offline-run-*`: push with `wandb sync`).", ""]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------- plots
-def _as_number(v: str) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _tex_safe(s: str) -> str:
-    return s.replace("$", r"\$")  # matplotlib reads $...$ as math: alpha='${lora.r}' must print as typed
-
-
-def _safe(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", key)
-
-
-def plot_loss_curves(jobs: list[Job], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = False
-    for i, j in enumerate(jobs):
-        color = f"C{i % 10}"
-        train = [(r["train/global_step"], r["train/loss"]) for r in j.history
-                 if isinstance(r.get("train/loss"), int | float) and "train/global_step" in r]
-        evals = [(r["train/global_step"], r["eval/loss"]) for r in j.history
-                 if isinstance(r.get("eval/loss"), int | float) and "train/global_step" in r]
-        label = _tex_safe(f"{j.num}: {j.label}" + ("" if j.status == "ok" else f" ({j.status})"))
-        if train:
-            ax.plot(*zip(*train, strict=True), color=color, label=label, linestyle="-" if j.status == "ok" else ":", marker=".")
-            drawn = True
-        if evals:
-            ax.plot(*zip(*evals, strict=True), color=color, marker="o", linestyle="--", label=None if train else label)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("train loss (lines) and eval loss (o) per job")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_objective_vs(jobs: list[Job], key: str, facts: dict[str, Any], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [(j.value(key), j.objective) for j in jobs if j.objective is not None]
-    nums = [j.num for j in jobs if j.objective is not None]
-    if not pts:
-        return None
-    numbers = [_as_number(v) for v, _ in pts]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if all(x is not None for x in numbers):
-        xs = numbers
-        if min(xs) > 0 and max(xs) / min(xs) >= 10:
-            ax.set_xscale("log")
-    else:  # categorical: attn / mlp / all, or alpha='${lora.r}'
-        cats = list(dict.fromkeys(v for v, _ in pts))
-        xs = [cats.index(v) for v, _ in pts]
-        ax.set_xticks(range(len(cats)), [_tex_safe(c) for c in cats], rotation=20, fontsize=8)
-        ax.set_xlim(-0.5, len(cats) - 0.5)
-    ys = [y for _, y in pts]
-    ax.scatter(xs, ys)
-    for x, y, n in zip(xs, ys, nums, strict=True):  # which job each point is (report.md's `job` column)
-        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    failed = [j for j in jobs if j.objective is None and key in j.overrides]
-    if failed:
-        ax.set_title(f"{len(failed)} failed job(s) not shown", fontsize=8)
-    ax.set_xlabel(_tex_safe(key))
-    ax.set_ylabel(f"{facts['objective']} ({'lower' if facts['direction'] == 'minimize' else 'higher'} is better)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # ------------------------------------------------------------------------------------------ W&B
@@ -414,7 +356,7 @@ def write_report(sweep_dir: str | Path, *, objective: str | None = None, directi
         raise SystemExit(f"No jobs (folders with .hydra/) under {sweep_dir}; pass the multirun folder of a sweep.")
     plots = [p for p in [plot_loss_curves(jobs, sweep_dir / "loss_curves.png")] if p]
     for key in facts["swept"]:
-        p = plot_objective_vs(jobs, key, facts, sweep_dir / f"objective_vs_{_safe(key)}.png")
+        p = plot_objective_vs(jobs, key, facts, sweep_dir / f"objective_vs_{safe_name(key)}.png")
         if p:
             plots.append(p)
     md = sweep_dir / "report.md"
@@ -437,7 +379,7 @@ class SweepReportCallback(Callback):
 
     Also saves `multirun.yaml` at the start, as Hydra's basic sweeper does and the optuna sweeper
     does not, so jobs can tag the keys the sweep varies. A report that cannot be written is logged;
-    it never fails the sweep."""
+    the sweep's exit code says whether every job finished ok."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -445,21 +387,30 @@ class SweepReportCallback(Callback):
         OmegaConf.save(config, sweep_dir / "multirun.yaml")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not OmegaConf.select(config, "sweep.report", default=True):
-            return
+        """Write the report; then, if any job did not finish ok, end the sweep with exit code 1 and a last
+        line saying how many and where their logs are."""
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        try:
-            wb = config.wandb
-            out = write_report(sweep_dir, objective=config.sweep.objective, direction=config.sweep.direction,
-                               wandb_project=wb.project, wandb_group=wb.group, wandb_mode=wb.mode,
-                               wandb_entity=wb.entity)
-        except BaseException as e:  # noqa: BLE001 - the sweep itself is done; never fail it here
-            log.error("Sweep report failed (%s: %s); run `python -m sigil_exp.report %s` to retry.",
-                      type(e).__name__, e, sweep_dir)
-            return
-        ok = sum(j.status == "ok" for j in out["jobs"])
-        log.info("Sweep report: %s (%d jobs, %d ok, %d failed)\n%s", out["markdown"], len(out["jobs"]), ok,
-                 len(out["jobs"]) - ok, _table_only(out["markdown"].read_text()))
+        jobs = None
+        if OmegaConf.select(config, "sweep.report", default=True):
+            try:
+                wb = config.wandb
+                out = write_report(sweep_dir, objective=config.sweep.objective, direction=config.sweep.direction,
+                                   wandb_project=wb.project, wandb_group=wb.group, wandb_mode=wb.mode,
+                                   wandb_entity=wb.entity)
+                jobs = out["jobs"]
+                log.info("Sweep report: %s (%d jobs: %s)\n%s", out["markdown"], len(jobs), status_counts(jobs),
+                         _table_only(out["markdown"].read_text()))
+            except BaseException as e:  # noqa: BLE001 - the sweep itself is done; never fail it here
+                log.error("Sweep report failed (%s: %s); run `python -m sigil_exp.report %s` to retry.",
+                          type(e).__name__, e, sweep_dir)
+        if jobs is None:
+            jobs = [read_job(d) for d in job_dirs(sweep_dir)]
+        bad = [j for j in jobs if j.status != "ok"]
+        if bad:
+            logs = ", ".join(str(j.dir / "run.log") for j in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            print(f"sigil_exp: {len(bad)} of {len(jobs)} sweep jobs did not finish ok ({status_counts(jobs)}); "
+                  f"their logs: {logs}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 def _table_only(md: str) -> str:

@@ -8,16 +8,17 @@ be pushed later with `wandb sync`. `read_offline_run` decodes that file (a Level
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
 
-from sigil_exp.config import RunConfig
+from sigil_exp.config import RunConfig, SigilError
 
 # Overrides that do not describe *what* a job is (they say where or how long it runs).
 _NOT_IN_NAME = ("hydra.", "wandb.", "cache_dir", "experiment", "train.max_steps", "train.logging_steps",
                 "train.eval_steps", "train.save_steps", "eval.", "data.sources", "model.name_or_path",
-                "lora.r", "lora.alpha", "lora", "sweep.", "train.init_adapter", "train.resume")
+                "lora.r", "lora.alpha", "lora", "sweep.", "train.init_adapter", "train.resume", "train.overwrite")
 
 
 def run_name(cfg: RunConfig, overrides: list[str] | None = None) -> str:
@@ -110,15 +111,26 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def init_run(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], *, name: str, group: str | None,
-             tags: list[str]):
-    """Start the W&B run for this job (never reuses a previous job's run)."""
+             tags: list[str], run_id: str | None = None):
+    """Start the W&B run for this job (never reuses a previous job's run). `run_id` continues the run of an
+    earlier attempt in the same folder (resume="allow"): offline, each attempt is a fragment
+    (`wandb/offline-run-*-<id>`) and `wandb sync` of all of them uploads them, in order, as one run."""
     import wandb
 
-    run = wandb.init(
-        mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name,
-        tags=sorted(set(tags))[:20], job_type=cfg.wandb.job_type, dir=str(run_dir), config=flatten(config_dict),
-        reinit="finish_previous", settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
-    )
+    settings = wandb.Settings(console="off", silent=True, x_disable_stats=True, init_timeout=ONLINE_TIMEOUT_S)
+    if cfg.wandb.mode == "online":
+        check_online(os.environ.get("WANDB_BASE_URL") or settings.base_url)
+    try:
+        run = wandb.init(
+            mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity, group=group, name=name,
+            tags=sorted(set(tags))[:20], job_type=cfg.wandb.job_type, dir=str(run_dir), config=flatten(config_dict),
+            id=run_id, resume="allow" if run_id else None, reinit="finish_previous", settings=settings,
+        )
+    except wandb.errors.Error as e:  # no key, a key the server refuses, or no answer within init_timeout
+        raise SigilError(f"wandb.mode={cfg.wandb.mode} could not start a W&B run ({str(e).splitlines()[0]}); check "
+                         "`wandb login` and the network, or run with wandb.mode=offline and `wandb sync` later.") from None
+    if run_id:  # a resumed run: its last attempt's status and error no longer hold
+        run.summary.update({"status": "running", "error": None})
     # Summary values the run table and parallel-coordinates view use without setup.
     run.define_metric("eval/loss", summary="min,last")
     run.define_metric("train/loss", summary="min,last")
@@ -127,17 +139,57 @@ def init_run(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], *, name
     return run
 
 
-def finish_run(run, *, failed: bool, error: str | None = None) -> None:
-    """Always called (in a `finally`): marks failed jobs failed so sweeps show them."""
+ONLINE_TIMEOUT_S = 15.0  # wandb.init's own default is 90 s
+
+
+def check_online(base_url: str) -> None:
+    """wandb.mode=online needs an API key and the server: say so in one sentence, in seconds, instead of a
+    prompt, a traceback or a 90 s wait."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:  # wandb's own lookup (env, netrc, session), without its interactive prompt
+        from wandb.sdk.lib.wbauth.authenticate import authenticate_session
+
+        has_key = authenticate_session(host=base_url, source="sigil_exp", prompt=False, update_session=False) is not None
+    except ImportError:  # moved in another wandb version: wandb.init reports it instead
+        has_key = True
+    if not has_key:
+        raise SigilError("wandb.mode=online but no W&B API key is set (WANDB_API_KEY or `wandb login`); log in, or "
+                         "run with wandb.mode=offline and `wandb sync` later.")
+    url = urlparse(base_url)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise SigilError(f"wandb.mode=online but the W&B server {url.hostname} cannot be reached ({e}); check the "
+                         "network, or run with wandb.mode=offline and `wandb sync` later.") from None
+
+
+def steps_logged_before(run) -> int:
+    """The last step an earlier attempt of this (resumed) W&B run got to W&B; 0 for a new run. Offline: read
+    from the run's earlier fragments, so that rows a killed process never flushed count as missing (a resumed
+    attempt sends them again from its carried history). Online: the server's step counter."""
+    if run is None:
+        return 0
+    if run.settings.mode != "offline":
+        return max(run.step - 1, 0)
+    here = Path(run.settings.sync_file).parent
+    earlier = [d for d in here.parent.glob(f"offline-run-*-{run.id}") if d != here]
+    steps = [row.get("_step", 0) for d in earlier for row in read_offline_run(d)["history"]]
+    return max(steps, default=0)
+
+
+def finish_run(run, *, failed: bool = False, error: str | None = None, status: str | None = None,
+               exit_code: int | None = None) -> None:
+    """Always called (in a `finally`): the summary's `status` is ok, failed or interrupted, so sweeps show it.
+    An interrupted run ends with the process's exit code (130 Ctrl-C, 143 SIGTERM); resuming continues it."""
     if run is None:
         return
-    if failed:
-        run.summary["status"] = "failed"
-        if error:
-            run.summary["error"] = error[:500]
-    else:
-        run.summary["status"] = "ok"
-    run.finish(exit_code=1 if failed else 0)
+    status = status or ("failed" if failed else "ok")
+    run.summary["status"] = status
+    if error and status != "ok":
+        run.summary["error"] = error[:500]
+    run.finish(exit_code=exit_code if exit_code is not None else (0 if status == "ok" else 1))
 
 
 # ------------------------------------------------------------------------------ offline reader
@@ -147,6 +199,7 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
 def _records(path: Path):
+    """The records of a .wandb file; a file cut short by a killed process ends at its last whole record."""
     data = path.read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file")
@@ -160,6 +213,8 @@ def _records(path: Path):
         if kind == 0 and length == 0:
             pos += block_left  # zero padding
             continue
+        if pos + _HEADER + length > len(data):
+            return  # the writer was killed mid-record
         chunk = data[pos + _HEADER:pos + _HEADER + length]
         pos += _HEADER + length
         if kind == _FULL:
@@ -177,42 +232,62 @@ def _item_key(item) -> str:
     return "/".join(item.nested_key) if item.nested_key else item.key
 
 
-def find_run_file(path: str | Path) -> Path:
-    """A .wandb file, an offline-run-* folder, or a run folder holding wandb/offline-run-*."""
+def run_files(path: str | Path) -> list[Path]:
+    """The .wandb files of one run, oldest first: a file; an offline-run-* folder; or a run folder (or its
+    wandb/) whose newest run may have several fragments, one per attempt (a resumed run)."""
     p = Path(path)
     if p.is_file():
-        return p
-    found = sorted(p.glob("run-*.wandb")) or sorted(p.glob("wandb/offline-run-*/run-*.wandb")) \
-        or sorted(p.glob("**/run-*.wandb"))
+        return [p]
+    found = sorted(p.glob("run-*.wandb")) or sorted(p.glob("wandb/offline-run-*/run-*.wandb"), key=_started) \
+        or sorted(p.glob("offline-run-*/run-*.wandb"), key=_started) or sorted(p.glob("**/run-*.wandb"), key=_started)
     if not found:
         raise FileNotFoundError(f"No W&B offline run (run-*.wandb) under {p}")
-    return found[-1]
+    run_id = found[-1].stem.removeprefix("run-")
+    return [f for f in found if f.stem.removeprefix("run-") == run_id]
+
+
+def _started(f: Path) -> str:
+    return f.parent.name.removeprefix("offline-run-").removeprefix("run-")  # <date>_<time>-<id>
+
+
+def find_run_file(path: str | Path) -> Path:
+    """The newest .wandb file under `path` (see `run_files` for every fragment of a resumed run)."""
+    return run_files(path)[-1]
 
 
 def read_offline_run(path: str | Path) -> dict[str, Any]:
-    """Decode an offline run: {'run': {...}, 'config': {...}, 'history': [rows], 'summary': {...}}."""
+    """Decode an offline run: {'run': {...}, 'config': {...}, 'history': [rows], 'summary': {...},
+    'exit_code', 'fragments'}. The fragments of a resumed run (one per attempt) are read in order as one run."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
-    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "exit_code": None}
-    for raw in _records(find_run_file(path)):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(raw)
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            r = rec.run
-            out["run"] = {"id": r.run_id, "name": r.display_name, "group": r.run_group, "job_type": r.job_type,
-                          "project": r.project, "tags": list(r.tags)}
-            for item in r.config.update:
-                out["config"][_item_key(item)] = json.loads(item.value_json)
-        elif kind == "config":
-            for item in rec.config.update:
-                out["config"][_item_key(item)] = json.loads(item.value_json)
-        elif kind == "history":
-            out["history"].append({_item_key(i): json.loads(i.value_json) for i in rec.history.item})
-        elif kind == "summary":
-            for item in rec.summary.update:
-                out["summary"][_item_key(item)] = json.loads(item.value_json)
-        elif kind == "exit":
-            out["exit_code"] = rec.exit.exit_code
+    files = run_files(path)
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "exit_code": None,
+                           "fragments": len(files)}
+    for f in files:
+        out["exit_code"] = None  # a fragment killed before its exit record has none
+        for raw in _records(f):
+            rec = wandb_internal_pb2.Record()
+            try:
+                rec.ParseFromString(raw)
+            except DecodeError:
+                continue
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                r = rec.run
+                out["run"] = out["run"] or {"id": r.run_id, "name": r.display_name, "group": r.run_group,
+                                            "job_type": r.job_type, "project": r.project, "tags": list(r.tags)}
+                for item in r.config.update:
+                    out["config"][_item_key(item)] = json.loads(item.value_json)
+            elif kind == "config":
+                for item in rec.config.update:
+                    out["config"][_item_key(item)] = json.loads(item.value_json)
+            elif kind == "history":
+                out["history"].append({_item_key(i): json.loads(i.value_json) for i in rec.history.item})
+            elif kind == "summary":
+                for item in rec.summary.update:
+                    out["summary"][_item_key(item)] = json.loads(item.value_json)
+            elif kind == "exit":
+                out["exit_code"] = rec.exit.exit_code
     out["config"].pop("_wandb", None)
     return out

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,12 +19,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from sigil_exp import distributed
+from sigil_exp import distributed, rundir
 from sigil_exp import model as modeling
-from sigil_exp.config import RunConfig, SigilError, validate
+from sigil_exp.checks import check_run
+from sigil_exp.config import RunConfig
 from sigil_exp.data import build_datasets
 from sigil_exp.preflight import ModelShape, preflight
+from sigil_exp.signals import RunInterrupted, StopOnSignal, graceful
 from sigil_exp.throughput import StepClock, dataset_lengths, measure_peak_tflops, speed_metrics
+from sigil_exp.tracking import steps_logged_before
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,13 @@ class MetricsCallback(TrainerCallback):
     `train/tokens_per_s` (metrics.json and the W&B summary, one number) is the steady state from
     `clock`, warm-up steps excluded."""
 
-    def __init__(self, device: str, wandb_run=None):
+    def __init__(self, device: str, wandb_run=None, history: list[dict[str, Any]] | None = None, wandb_after: int = 0):
         self.device, self.run = device, wandb_run
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = list(history or [])  # a resumed run carries its rows over ...
+        self.wandb_after = wandb_after  # ... and W&B holds the steps up to here from its earlier attempts
+        for row in self.history:  # rows W&B never got (a killed process's unflushed ones): send them once now
+            if self.run is not None and row["train/global_step"] > wandb_after:
+                self.run.log(row, step=row["train/global_step"])
         self.clock = StepClock(device)
         self._since = 0  # clock steps already reported in a history row
 
@@ -75,9 +83,26 @@ class MetricsCallback(TrainerCallback):
             self._since = len(self.clock.steps)
         row["sys/peak_mem_gb"] = peak_memory_gb(self.device)
         row["train/global_step"] = state.global_step
+        if "train/loss_total" in row:  # the trainer's end-of-attempt totals: a summary, not a row of the history
+            if self.run is not None:
+                self.run.summary.update(row)
+            return
         self.history.append(row)
-        if self.run is not None:
+        if self.run is not None and state.global_step > self.wandb_after:
             self.run.log(row, step=state.global_step)
+        if line := progress_line(row, state):
+            log.info(line)
+
+
+_SHOWN = (("train/loss", "loss", "{:.4f}"), ("eval/loss", "eval loss", "{:.4f}"), ("train/learning_rate", "lr", "{:.3g}"),
+          ("train/grad_norm", "grad norm", "{:.3g}"), ("train/window_tokens_per_s", "tokens/s", "{:,.0f}"))
+
+
+def progress_line(row: dict[str, Any], state) -> str:
+    """One log line per logged row, e.g. `step 20/80: loss 2.3101, lr 0.000187, grad norm 0.412, tokens/s 1,234`
+    (the trainer's own raw dicts are not printed)."""
+    parts = [f"{name} {fmt.format(row[key])}" for key, name, fmt in _SHOWN if isinstance(row.get(key), int | float)]
+    return f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts) if parts else ""
 
 
 def _derived_numbers(cfg: RunConfig, n_train: int) -> dict[str, Any]:
@@ -118,8 +143,8 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
         per_device_train_batch_size=hw.micro_batch_size,
         per_device_eval_batch_size=hw.micro_batch_size,
         gradient_accumulation_steps=hw.grad_accum,
-        gradient_checkpointing=hw.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": hw.checkpointing_reentrant},
+        activation_checkpointing=hw.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": hw.checkpointing_reentrant},
         bf16=hw.precision == "bf16",
         fp16=hw.precision == "fp16",
         use_cpu=hw.device == "cpu",
@@ -148,39 +173,23 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
     return args
 
 
-def _resume_path(cfg: RunConfig, run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def train(cfg: RunConfig, run_dir: Path, wandb_run=None, start: rundir.Start | None = None,
+          model_path: str | None = None) -> dict[str, Any]:
+    """Run one fine-tuning job in `run_dir`; returns (and writes) its metrics.
 
-    r = cfg.train.resume
-    if not r:
-        return None
-    if r == "auto":
-        ckpt_dir = run_dir / "checkpoints"
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if last is None:
-            log.info("train.resume=auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
-        return last
-    if not Path(r).is_dir():
-        raise SigilError(f"train.resume={r} is not a checkpoint folder; use train.resume=auto or a checkpoint-N path.")
-    return r
-
-
-def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
-    """Run one fine-tuning job in `run_dir`; returns (and writes) its metrics."""
+    `start` says how this attempt begins (`rundir.prepare`, which runs here when it is not given: fresh,
+    resumed, or finished already); `model_path` skips the checks when the caller has run them already."""
     from trl import SFTTrainer
 
     t_start = time.perf_counter()
-    validate(cfg)
+    start = start if start is not None else rundir.prepare(cfg, run_dir)
+    if start.finished is not None:
+        return start.finished
+    model_path = model_path or check_run(cfg)  # every value, the model's module names, device, eval setup
     if cfg.hardware.device == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with distributed.main_first():  # rank 0 builds (tiny) or downloads the model; the other ranks find it there
-        model_path = modeling.resolve_model_path(cfg.model)  # fails fast, before data work
-    modeling.check_device(cfg.hardware)
     preflight(cfg, model_path)  # logs the memory estimate, picks auto micro-batch, stops if it cannot fit
     peak_tflops = measure_peak_tflops(cfg.hardware.device)  # MFU's denominator, this card now (None off CUDA)
-    from sigil_exp.evaluate import check_eval_setup
-
-    check_eval_setup(cfg)  # bad eval settings (problems, eval.subset, rustc, sandbox) fail now, not after training
     tokenizer = modeling.load_tokenizer(cfg.model, model_path)
 
     with distributed.main_first():  # rank 0 builds and caches the datasets, the other ranks read the cache
@@ -204,17 +213,31 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
 
     from sigil_exp.evaluate.during_training import in_training_eval
 
-    callback = MetricsCallback(cfg.hardware.device, wandb_run)
-    callbacks = [callback]
+    callback = MetricsCallback(cfg.hardware.device, wandb_run, history=start.history,
+                               wandb_after=steps_logged_before(wandb_run))
     in_training = in_training_eval(cfg, tokenizer, run_dir, wandb_run, callback.history)  # eval.every_steps
-    callbacks += [in_training] if in_training else []
     trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir, data.eval is not None),
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                         callbacks=callbacks)
+                         callbacks=[callback, StopOnSignal(), *([in_training] if in_training else [])])
+    _readable_output(trainer)
+    rundir.save_checkpoints_atomically(trainer, history=lambda: callback.history)
     modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer
     if cfg.train.init_adapter:  # phase 2: the phase-1 adapter's exact weights, not trl's bf16 rounding of them
         modeling.load_adapter_weights(trainer.model, cfg.train.init_adapter)
-    result = trainer.train(resume_from_checkpoint=_resume_path(cfg, run_dir))
+    if start.past_end(cfg.train.max_steps):  # killed after its last checkpoint: nothing left to train
+        rundir.restore_final_checkpoint(trainer, start.checkpoint)
+        train_s = 0.0
+    else:
+        with graceful() as stop:  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+            result = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+        if stop.signum is not None:
+            step = trainer.state.global_step
+            if distributed.is_main():
+                write_metrics(run_dir, {"status": "interrupted", "stopped_by": signal.Signals(stop.signum).name,
+                                        **_train_summary(callback.history, trainer), **callback.clock.steady(),
+                                        "time/wall_s": time.perf_counter() - t_start, "history": callback.history})
+            raise RunInterrupted(stop.signum, step, str(run_dir / "checkpoints" / f"checkpoint-{step}"), recorded=True)
+        train_s = result.metrics.get("train_runtime")
     best = in_training.restore_best(trainer.model) if in_training else {}  # train.keep_best: the adapter below
     final_eval = trainer.evaluate() if data.eval is not None else {}
     peak_gb = distributed.reduce_max(peak_memory_gb(cfg.hardware.device))  # per GPU: the largest over the ranks
@@ -226,24 +249,21 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
 
-    losses = [r["train/loss"] for r in callback.history if "train/loss" in r]
     speed = speed_metrics(callback.clock, ModelShape.from_model_dir(model_path), trainable, cfg.model.max_seq_len,
                           cfg.hardware.gradient_checkpointing, dataset_lengths(data.train), peak_tflops,
                           distributed.world_size())
     metrics: dict[str, Any] = {
         "status": "ok",
-        "train/loss": losses[-1] if losses else result.training_loss,
-        "train/loss_first": losses[0] if losses else None,
-        "train/mean_loss": result.training_loss,
+        **_train_summary(callback.history, trainer),
         "eval/loss": final_eval.get("eval_loss"),
         **speed,  # steady-state train/tokens_per_s, train/step_s, train/mfu (CUDA)
-        "train/tokens": trainer.state.num_input_tokens_seen,
-        "train/steps": trainer.state.global_step,
         "sys/peak_mem_gb": peak_gb,
         "perf/allreduce_ms": allreduce_ms,  # one all-reduce of the LoRA gradients across the ranks (None: one process)
         "params/trainable": trainable,
         "params/total": total,
-        "time/train_s": result.metrics.get("train_runtime"),
+        "time/train_s": train_s,  # this attempt's training time
+        "run/attempt": start.attempt,
+        "run/resumed_from_step": start.step if start.checkpoint else None,
         **{f"derived/{k}": v for k, v in derived.items()},
         **best,
     }
@@ -260,8 +280,36 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None) -> dict[str, Any]:
     return metrics
 
 
+def _train_summary(history: list[dict[str, Any]], trainer) -> dict[str, Any]:
+    """Loss and speed numbers from the whole history (carried over a resume, so they cover every attempt).
+    The mean loss weights each logged row by the steps it averages, as the trainer's own mean does."""
+    losses = [(r["train/global_step"], r["train/loss"]) for r in history if "train/loss" in r]
+    weighted, prev = 0.0, 0
+    for step, loss in losses:
+        weighted, prev = weighted + loss * (step - prev), step
+    return {
+        "train/loss": losses[-1][1] if losses else None,
+        "train/loss_first": losses[0][1] if losses else None,
+        "train/mean_loss": weighted / prev if prev else None,
+        "train/tokens": trainer.state.num_input_tokens_seen,
+        "train/steps": trainer.state.global_step,
+    }
+
+
+def _readable_output(trainer) -> None:
+    """No raw dicts from the trainer: MetricsCallback logs a line per row. Off a terminal the trainer's
+    printer goes; on a terminal its progress bar stays, without the dict it writes under the bar."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    class ProgressBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBar())
+
+
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """metrics.json, written atomically so a crash never leaves half a file."""
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
-    tmp.replace(run_dir / "metrics.json")
+    rundir.write_json(run_dir / rundir.METRICS, metrics)

@@ -3,6 +3,8 @@ at compose time (Hydra) or at validation (one sentence naming the key)."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,7 @@ def test_defaults_are_the_seed_configuration():
     assert (hw.name, hw.precision, hw.optimizer, hw.packing) == ("h100", "bf16", "paged_adamw_8bit", True)
     assert to_object(compose_cfg("hardware=consumer_24gb")).hardware.gradient_checkpointing
     assert cfg.train.scheduler == "cosine" and cfg.train.warmup_ratio > 0
-    assert cfg.wandb.mode == "offline"
+    assert cfg.wandb.mode == os.environ.get("WANDB_MODE", "offline")  # $WANDB_MODE, else offline
     validate(cfg)
 
 
@@ -102,3 +104,54 @@ def test_struct_mode_rejects_unknown_nested_key():
     cfg = compose_cfg()
     with pytest.raises(ConfigKeyError, match="rank"):
         cfg.lora.rank = 3
+
+
+def one_sentence(msg: str) -> bool:
+    return "\n" not in msg and msg.endswith(".") and not re.search(r"[.;] [A-Z]", msg)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lr=-1", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("train.logging_steps=0", "train.logging_steps"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio"),
+    ("train.save_steps=0", "train.save_steps"),
+    ("train.eval_steps=-5", "train.eval_steps"),
+    ("train.save_total_limit=0", "train.save_total_limit"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.seed=-1", "train.seed"),
+    ("model.max_seq_len=0", "model.max_seq_len"),
+    ("eval.top_p=0", "eval.top_p"),
+    ("eval.n_samples=0", "eval.n_samples"),
+    ("eval.limit=0", "eval.limit"),
+    ("wandb.mode=dryrun", "wandb.mode"),
+])
+def test_bad_values_fail_in_one_sentence_naming_the_key(override, key):
+    with pytest.raises(SigilError) as e:
+        validate(to_object(compose_cfg("experiment=smoke", override)))
+    msg = str(e.value)
+    assert msg.startswith(key) and one_sentence(msg), msg
+
+
+def test_resume_and_overwrite_together_are_refused():
+    with pytest.raises(SigilError, match="contradict"):
+        validate(to_object(compose_cfg("experiment=smoke", "train.resume=auto", "train.overwrite=true")))
+
+
+@pytest.mark.parametrize("override", ["lora.alpha=${lora.rr}", "lora.alpha=${oc.env:SIGIL_NO_SUCH_VAR}",
+                                      "lora.r=${lora.dropout}"])
+def test_interpolation_errors_name_the_key(override):
+    with pytest.raises(SigilError) as e:
+        to_object(compose_cfg(override))
+    key = override.split("=")[0]
+    msg = str(e.value)
+    assert msg.startswith(f"{key}=${{") and one_sentence(msg) and "cannot be resolved" in msg, msg
+
+
+def test_wandb_mode_follows_the_environment_unless_the_command_line_sets_it(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert to_object(compose_cfg()).wandb.mode == "disabled"
+    assert to_object(compose_cfg("wandb.mode=offline")).wandb.mode == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    assert to_object(compose_cfg()).wandb.mode == "offline"

@@ -1,18 +1,19 @@
 """The sweep report on hand-made sweep folders: sorting by the objective in either direction,
-failed and crashed jobs, optional eval-rate columns, plots, CSV, the CLI. No training, seconds."""
+failed, killed and running jobs, optional eval-rate columns, plots, CSV, the CLI. No training, seconds."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from sigil_exp import report
-from sigil_exp.tracking import objective_value, swept_keys
+from sigil_exp.tracking import objective_value, read_offline_run, swept_keys
 
 
 def make_job(sweep: Path, num: int, overrides: list[str], metrics: dict | None, device: str = "cpu") -> Path:
@@ -59,10 +60,11 @@ def test_report_sorts_by_objective_and_lists_failures(sweep):
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| #")]
     assert len(rows) == 4
     assert rows[0].startswith("| 1 | 1 |") and rows[1].startswith("| 2 | 0 |")  # eval/loss 1.5 before 2.0
-    assert "**failed**" in rows[2] and "**crashed**" in rows[3]
-    assert "4 jobs: 2 ok, 2 failed" in md and "Swept: `lora.r`" in md
+    assert "**failed**" in rows[2] and "**killed**" in rows[3]
+    assert "4 jobs: 2 ok, 1 failed, 1 killed" in md and "Swept: `lora.r`" in md
+    assert rows[3].count("| — |") >= 5  # no numbers: a dash, never an empty cell or a raw value
     assert "Same in every job: `experiment=smoke`" in md
-    failed = md.split("## Failed jobs")[1]
+    failed = md.split("## Jobs that did not finish")[1]
     assert "CUDA out of memory" in failed and "no metrics.json" in failed
     assert "| pass@1 |" in md.splitlines()[md.splitlines().index(rows[0]) - 2]  # eval rates shown when present
     assert "peak RSS" in md  # CPU + sequential launcher: the caveat is stated
@@ -117,15 +119,34 @@ def test_killed_job_is_reported_from_its_wandb_run(tmp_path):
     killed = make_job(tmp_path, 1, ["lora.r=64"], None)  # no metrics.json: the OOM killer struck mid-run
     run = wandb.init(mode="offline", dir=str(killed), project="t", group="sweep-x", name="r64-a16-all",
                      settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    run.define_metric("train/loss", summary="min,last")  # as tracking.init_run does: summaries become dicts
+    run.define_metric("sys/peak_mem_gb", summary="max")
     for step in (1, 2, 3):
-        run.log({"train/loss": 3.0 - step / 10, "train/global_step": step}, step=step)
+        run.log({"train/loss": 3.0 - step / 10, "train/global_step": step, "sys/peak_mem_gb": 1.0 + step}, step=step)
     run.summary["params/trainable"] = 4096
     run.finish(exit_code=137)
-    jobs, _ = report.collect(tmp_path)
+    for _ in range(300):  # on a loaded machine wandb's writer process may still be flushing the file
+        if read_offline_run(killed)["exit_code"] is not None:
+            break
+        time.sleep(0.1)
+    jobs, facts = report.collect(tmp_path)
     dead = next(j for j in jobs if j.num == 1)
-    assert dead.status == "crashed" and dead.objective is None and dead.name == "r64-a16-all"
+    assert dead.status == "killed" and dead.objective is None and dead.name == "r64-a16-all"
     assert [r["train/global_step"] for r in dead.history if "train/loss" in r] == [1, 2, 3]
     assert dead.metrics["params/trainable"] == 4096 and "no metrics.json" in dead.error
+    assert dead.metrics["train/loss"] == pytest.approx(2.7) and dead.metrics["sys/peak_mem_gb"] == 4.0
     assert [j.num for j in jobs] == [0, 1]
     png = report.plot_loss_curves([dead], tmp_path / "curves.png")  # drawn from the killed job's W&B history alone
     assert png == tmp_path / "curves.png" and png.read_bytes()[:4] == b"\x89PNG"
+    row = next(ln for ln in report.markdown(jobs, facts, []).splitlines() if ln.startswith("| ") and "r64-a16-all" in ln)
+    assert "**killed**" in row and "2.7000" in row and "4.00" in row and "4,096" in row and "| — |" in row
+    assert "{" not in row and "'last'" not in row
+
+
+def test_a_job_whose_folder_is_locked_is_running(tmp_path):
+    from sigil_exp import rundir
+
+    job = make_job(tmp_path, 0, ["lora.r=8"], {"status": "interrupted", "error": "stopped by SIGTERM at step 4"})
+    assert report.read_job(job).status == "interrupted"
+    with rundir.locked(job):  # a resumed attempt is at work in it
+        assert report.read_job(job).status == "running"
