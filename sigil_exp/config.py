@@ -350,12 +350,12 @@ _RANGES: list[tuple[str, Any, str, str]] = [
     ("eval.temperature", lambda v: _finite(v) and v >= 0, ">= 0 (0 is greedy)", "0.0"),
     ("eval.top_p", lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]", "0.95"),
     ("eval.max_new_tokens", lambda v: v >= 1, ">= 1", "512"),
-    ("eval.batch_size", lambda v: v >= 1, ">= 1", "8"),
+    ("eval.batch_size", lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "auto or >= 1 (a cap on rows per batch)", "auto"),
     ("eval.workers", lambda v: v >= 1, ">= 1", "2"),
     ("eval.crate_size", lambda v: v >= 1, ">= 1 (1 compiles each sample alone)", "32"),
     ("eval.timeout_s", lambda v: _finite(v) and v > 0, "a positive number of seconds", "10"),
     ("eval.compile_timeout_s", lambda v: _finite(v) and v > 0, "a positive number of seconds", "60"),
-    ("eval.run_mem_mb", lambda v: v >= 64, ">= 64", "1024"),
+    ("eval.run_mem_mb", lambda v: v >= 64, ">= 64", "4096"),
 ]
 
 

@@ -95,7 +95,6 @@ def launch(run_dir: Path, hw: HardwareConfig, job: dict[str, Any]) -> dict[str, 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from sigil_exp import rundir
-    from sigil_exp.signals import RunInterrupted
 
     plan = rendezvous(hw, run_dir)
     if hw.device == "cuda":
@@ -116,11 +115,11 @@ def launch(run_dir: Path, hw: HardwareConfig, job: dict[str, Any]) -> dict[str, 
     try:
         elastic_launch(cfg, sys.executable)("-m", "sigil_exp.launch", "--worker", str(run_dir))
     except SignalException as e:  # this process got SIGTERM / SIGINT; the workers got it too and saved
-        raise RunInterrupted(int(e.sigval), recorded=True) from None
+        raise _interrupted(run_dir, int(e.sigval)) from None
     except ChildFailedError as e:
         sentence, signum = _failure(errors, e)
         if signum:
-            raise RunInterrupted(signum, recorded=True) from None
+            raise _interrupted(run_dir, signum) from None
         if rundir.read_json(run_dir / rundir.METRICS).get("status") in (None, "ok"):
             rundir.write_json(run_dir / rundir.METRICS, {"status": "failed", "error": sentence,
                                                          "overrides": job.get("overrides")})
@@ -129,6 +128,17 @@ def launch(run_dir: Path, hw: HardwareConfig, job: dict[str, Any]) -> dict[str, 
         os.environ.pop("SIGIL_LAUNCH_ERRORS", None)
     shutil.rmtree(errors, ignore_errors=True)
     return rundir.read_json(run_dir / rundir.METRICS)
+
+
+def _interrupted(run_dir: Path, signum: int):
+    """The job's RunInterrupted, with the step and checkpoint rank 0 recorded when it stopped."""
+    from sigil_exp import rundir
+    from sigil_exp.signals import RunInterrupted
+
+    m = rundir.read_json(run_dir / rundir.METRICS)
+    step = m.get("train/steps") if m.get("status") == "interrupted" else None
+    ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
+    return RunInterrupted(signum, step, str(ckpt) if step and ckpt.is_dir() else None, recorded=True)
 
 
 def _failure(errors: Path, e: Exception) -> tuple[str, int | None]:

@@ -4,9 +4,13 @@ The parent composes once and starts the workers with torch's elastic launcher; o
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import compose_cfg, run_cli
+from conftest import ROOT, compose_cfg, run_cli
 
 from sigil_exp.config import SigilError, to_object, validate
 from sigil_exp.preflight import apply_global_batch
@@ -69,9 +73,45 @@ def test_two_processes_train_like_one_at_the_same_global_batch(cache_dir, tmp_pa
 
 @pytest.mark.slow
 def test_a_failing_rank_ends_the_job_with_its_message(cache_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"  # found only when the workers build the data (the parent checks run earlier)
+    bad.write_text('{"prompt": "fn a() {", "gen": "}"}\n{"prompt": "cut off\n')
     p = run_cli(["experiment=smoke", "hardware.nproc_per_node=2", "eval.enabled=false", "wandb.mode=disabled",
-                 f"train.init_adapter={tmp_path / 'no_adapter'}", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
+                 "data=jsonl", f"data.sources.0.path={bad}", f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
     assert p.returncode == 2, p.stderr[-2000:]
     line = [x for x in p.stderr.splitlines() if x.startswith("sigil_exp:")]
-    assert line and "rank " in line[0] and "train.init_adapter=" in line[0], p.stderr[-2000:]
+    assert line and "rank " in line[0] and "bad.jsonl:2" in line[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(cache_dir, tmp_path):
+    """SIGTERM to the launching process (what a scheduler's preemption does): every rank stops after the
+    same step, the checkpoint holds both ranks' RNG states, exit 143 with the resume command; resuming
+    finishes the run as one history."""
+    import os
+
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", "hardware.nproc_per_node=2", "eval.enabled=false", "wandb.mode=disabled",
+            "train.max_steps=10", "train.save_steps=2", "train.logging_steps=1", "train.eval_steps=0",
+            "model.max_seq_len=256", "data.val_fraction=0", "lora.dropout=0", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "SIGIL_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sigil_exp", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not (run_dir / "checkpoints" / "checkpoint-2").is_dir() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sigil_exp: stopped by SIGTERM at step ") and "resume with: " in last, last
+    m = json.loads((run_dir / "metrics.json").read_text())
+    stopped = m["train/steps"]
+    assert m["status"] == "interrupted" and 2 <= stopped < 10
+    ckpt = run_dir / "checkpoints" / f"checkpoint-{stopped}"
+    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+    again = run_cli([*args, "train.resume=auto"], cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["derived/world_size"] == 2 and m["run/resumed_from_step"] == stopped
+    assert [r["train/global_step"] for r in m["history"] if "train/loss" in r] == list(range(1, 11))
