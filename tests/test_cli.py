@@ -54,6 +54,7 @@ def test_help_and_cfg_job(cache_dir):
     assert cfg["lora"]["r"] == 32 and cfg["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+@pytest.mark.slow  # ~40-70 s on 2 cores; the fast suite covers this in-process
 def test_multirun_jobs_get_their_own_wandb_runs_and_adapters(cache_dir, tmp_path):
     proc = run_cli(["-m", "experiment=smoke", "lora.r=4,8", "train.max_steps=3", "train.eval_steps=0", "train.logging_steps=1", "eval.enabled=false",
                     "train.save_steps=100", f"hydra.sweep.dir={tmp_path}"], cache_dir)
@@ -73,6 +74,7 @@ def test_multirun_jobs_get_their_own_wandb_runs_and_adapters(cache_dir, tmp_path
         assert steps == sorted(set(steps)) and max(steps) == 3
 
 
+@pytest.mark.slow  # ~40-70 s on 2 cores; the fast suite covers this in-process
 def test_resume_auto_continues_from_the_last_checkpoint(cache_dir, tmp_path):
     common = ["experiment=smoke", "train.eval_steps=0", "train.save_steps=2", "train.logging_steps=1", "eval.enabled=false",
               f"hydra.run.dir={tmp_path}", "wandb.mode=disabled"]

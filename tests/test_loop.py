@@ -13,10 +13,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from sigil_exp.evaluate.__main__ import load_run_config
+from sigil_exp.artifacts import load_run_config
 from tests.conftest import ROOT
 from tests.loop_fixture import LOOP_STEPS, LOOP_TASKS, train_loop_run
 
@@ -25,7 +26,7 @@ def evaluate_cli(run, cache_dir) -> dict[str, float]:
     proc = subprocess.run([sys.executable, "-m", "sigil_exp.evaluate", str(run)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "SIGIL_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads((Path(run) / "eval" / "metrics.json").read_text())
 
 
 def base_pass_rate(run, out) -> float:

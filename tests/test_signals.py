@@ -65,6 +65,7 @@ def _files(run_dir):
             if p.is_file() and p.name not in ("run.log", ".lock") and ".hydra" not in p.parts}
 
 
+@pytest.mark.slow  # ~50 s: three CLI runs; test_resume.py covers SIGTERM + resume in-process
 def test_sigterm_saves_marks_interrupted_and_its_resume_command_finishes_the_run(cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = ["experiment=smoke", "eval.enabled=false", "train.max_steps=16", "train.save_steps=2", "train.logging_steps=1",

@@ -97,7 +97,8 @@ def _evaluate_cli(run, out, cache_dir) -> list[dict]:
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "SIGIL_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"metrics: {out / 'eval' / 'metrics.json'}" in proc.stdout  # the summary names where they are
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert 0 <= metrics["eval/pass@1"] <= metrics["eval/compile_rate"] <= 1
     return [json.loads(line) for line in (out / "eval" / "completions.jsonl").read_text().splitlines()]
 
