@@ -26,7 +26,7 @@ def evaluate_cli(run, cache_dir) -> dict[str, float]:
     proc = subprocess.run([sys.executable, "-m", "sigil_exp.evaluate", str(run)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "SIGIL_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((Path(run) / "eval" / "metrics.json").read_text())
+    return json.loads((Path(run) / "eval" / "metrics.json").read_text())["metrics"]
 
 
 def base_pass_rate(run, out) -> float:

@@ -98,7 +98,7 @@ def _evaluate_cli(run, out, cache_dir) -> list[dict]:
                           env={**os.environ, "SIGIL_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"metrics: {out / 'eval' / 'metrics.json'}" in proc.stdout  # the summary names where they are
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]
     assert 0 <= metrics["eval/pass@1"] <= metrics["eval/compile_rate"] <= 1
     return [json.loads(line) for line in (out / "eval" / "completions.jsonl").read_text().splitlines()]
 
