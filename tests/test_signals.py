@@ -111,3 +111,35 @@ def test_sigterm_saves_marks_interrupted_and_its_resume_command_finishes_the_run
                            timeout=600)
     assert third.returncode == 0 and "already finished (16 steps, status ok); nothing to do" in third.stdout
     assert _files(run_dir) == before
+
+
+_POOL_SCRIPT = """
+import os, signal, time
+from sigil_exp.data import _pool
+from sigil_exp.signals import handled
+
+def pid(_):
+    time.sleep(0.2)
+    return os.getpid()
+
+with handled():  # a run's handlers are active while it builds its data
+    with _pool(2, {}) as pmap:
+        pids = set(pmap(pid, range(4)))
+        for p in pids:
+            os.kill(p, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        time.sleep(0.3)
+        print("alive after SIGINT", all(os.waitpid(p, os.WNOHANG) == (0, 0) for p in pids))
+        for p in pids:
+            os.kill(p, signal.SIGTERM)  # a launcher stopping the group
+        time.sleep(0.3)
+        print("work goes on", sorted(pmap(abs, [-1, -2])))
+"""
+
+
+def test_data_workers_leave_signals_to_the_run():
+    """The data pool's forked workers do not inherit the run's handlers: Ctrl-C is the parent's to handle and
+    SIGTERM ends a worker quietly, so an interrupted or failing multi-rank run prints no worker tracebacks."""
+    p = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "alive after SIGINT True" in p.stdout and "work goes on [1, 2]" in p.stdout, p.stdout
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -20,6 +20,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -73,6 +74,16 @@ def _init_worker(state: dict[str, Any]) -> None:
     _WORKER.update(state)
 
 
+def _init_pool_worker(state: dict[str, Any]) -> None:
+    """A forked worker leaves signals to its parent: it inherits the run's handlers (which raise
+    RunInterrupted), so Ctrl-C or a launcher's SIGTERM to the process group would print a traceback
+    from every worker. Ctrl-C is ignored here (the parent stops and terminates the pool) and SIGTERM
+    does what it does by default."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(state)
+
+
 def _filter_item(item: RustFile | Record | Drop) -> tuple[Record | Drop, int, int]:
     """(kept Record or Drop, test items stripped, source bytes read)."""
     if isinstance(item, Drop):
@@ -107,7 +118,7 @@ def _pool(num_proc: int, state: dict[str, Any]):
             yield lambda fn, it, chunksize=1: map(fn, it)
             return
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism; no fork warning
-        with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(state,)) as pool:
+        with mp.get_context("fork").Pool(num_proc, initializer=_init_pool_worker, initargs=(state,)) as pool:
             yield lambda fn, it, chunksize=16: pool.imap(fn, it, chunksize=chunksize)
     finally:
         _WORKER.clear()
