@@ -26,9 +26,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sigil_exp import rundir, signals
-from sigil_exp.config import RunConfig, SigilError, to_object, validate
+from sigil_exp.config import RunConfig, SigilError, to_object
 from sigil_exp.signals import RunInterrupted
 from sigil_exp.tracking import objective_value, sweep_group, swept_keys
+from sigil_exp.validation import validate
 
 log = logging.getLogger("sigil_exp")
 

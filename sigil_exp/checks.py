@@ -1,6 +1,6 @@
 """Checks that need more than the config, run before any W&B run, data work or model load.
 
-`check_run(cfg)` validates the values (config.validate), finds the model (a local folder, the tiny
+`check_run(cfg)` validates the values (validation.validate), finds the model (a local folder, the tiny
 model, or the Hugging Face cache), checks `lora.target_modules` against the model's module names
 (read from its config.json: the model is built on the meta device, no weights), the device, the
 phase-2 adapter and the evaluation's setup. Each failure is one sentence naming the key and the fix.
@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sigil_exp import model as modeling
-from sigil_exp.config import RunConfig, SigilError, validate
+from sigil_exp.config import RunConfig, SigilError
+from sigil_exp.validation import validate
 
 
 def check_run(cfg: RunConfig) -> str:

@@ -12,7 +12,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError as ConfigKeyError
 
-from sigil_exp.config import SigilError, to_object, validate
+from sigil_exp.config import SigilError, to_object
+from sigil_exp.validation import validate
 from tests.conftest import CONF_DIR, compose_cfg
 
 GROUPS = ["model", "quant", "lora", "data", "hardware", "experiment"]

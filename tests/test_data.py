@@ -393,7 +393,8 @@ def test_parallel_workers_give_the_same_dataset(tmp_path, tok):
 def test_data_options_compose_and_validate(option):
     from hydra import compose, initialize_config_dir
 
-    from sigil_exp.config import to_object, validate
+    from sigil_exp.config import to_object
+    from sigil_exp.validation import validate
 
     overrides = [f"data={option}"] + (["data.sources.0.path=/x.jsonl"] if option == "jsonl" else [])
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -416,7 +417,8 @@ def test_phase_experiments_pick_their_data():
 def test_validate_rejects_bad_data_knobs():
     from hydra import compose, initialize_config_dir
 
-    from sigil_exp.config import to_object, validate
+    from sigil_exp.config import to_object
+    from sigil_exp.validation import validate
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for override, key in [("data.sources.0.weight=0", "data.sources.0.weight"),

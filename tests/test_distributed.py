@@ -12,8 +12,9 @@ import time
 import pytest
 from conftest import ROOT, compose_cfg, run_cli
 
-from sigil_exp.config import SigilError, to_object, validate
+from sigil_exp.config import SigilError, to_object
 from sigil_exp.preflight import apply_global_batch
+from sigil_exp.validation import validate
 
 
 def test_global_batch_gives_each_rank_its_share():

@@ -25,8 +25,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 
-from sigil_exp.config import to_object, validate
+from sigil_exp.config import to_object
 from sigil_exp.tracking import read_offline_run, sweep_group
+from sigil_exp.validation import validate
 from tests.conftest import CONF_DIR, ROOT, run_cli
 
 EXAMPLES = ROOT / "multirun_examples"

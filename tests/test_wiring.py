@@ -191,7 +191,8 @@ def test_in_training_evaluation_does_not_change_training(cache_dir, tmp_path):
     (["train.keep_best=eval/pass@1"], "eval.every_steps"),
 ])
 def test_in_training_eval_settings_fail_in_one_sentence(cache_dir, overrides, key):
-    from sigil_exp.config import SigilError, validate
+    from sigil_exp.config import SigilError
+    from sigil_exp.validation import validate
 
     with pytest.raises(SigilError) as e:
         validate(smoke_cfg(cache_dir, *overrides))

@@ -79,8 +79,9 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from sigil_exp import model as modeling
-    from sigil_exp.config import SigilError, validate
+    from sigil_exp.config import SigilError
     from sigil_exp.preflight import ModelShape, check_fits, memory_budget
+    from sigil_exp.validation import validate
 
     t_row = time.perf_counter()
     cfg = row_config(spec)

@@ -63,7 +63,8 @@ def load(overrides: list[str]):
     from omegaconf.errors import MissingMandatoryValue
 
     from sigil_exp import model as modeling  # the run's tokenizer loading (builds the tiny model if needed)
-    from sigil_exp.config import to_object, validate
+    from sigil_exp.config import to_object
+    from sigil_exp.validation import validate
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         composed = compose(config_name="config", overrides=overrides)
