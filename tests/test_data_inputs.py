@@ -158,6 +158,23 @@ def test_split_stats_and_loss_tokens(tmp_path, tok):
     assert all(m[0] == 0 for m in b.train["completion_mask"])
 
 
+def test_each_sequence_is_its_own_records_tokens_in_the_mixed_order(tmp_path, tok):
+    """Records are tokenised shortest first (the tokenizer's word cache works better) and put back in
+    order: every row decodes to the record its origin names, and the mixed order is kept."""
+    rows = [pair(i, gen_len=(i * 7) % 23 + 1) for i in range(300)]  # lengths out of order
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = data_cfg(SourceConfig(path=str(path)), val_fraction=0.1, num_proc=2)
+    b = build(cfg, tok, tmp_path, max_len=1024)
+    for split, ds in (("train", b.train), ("eval", b.eval)):
+        origins = b.origins[split]["origin"]
+        assert len(origins) == len(ds) > 10
+        for ids, origin in zip(ds["input_ids"], origins, strict=True):
+            i = int(origin.rsplit(":", 1)[1]) - 1  # d.jsonl:<line>
+            assert tok.decode(ids, skip_special_tokens=True).strip().endswith(rows[i]["gen"].strip()), (split, origin)
+    lines = [int(o.rsplit(":", 1)[1]) for o in b.origins["train"]["origin"]]
+    assert lines != sorted(lines) and lines != sorted(lines, key=lambda n: len(rows[n - 1]["gen"]))
+
+
 # ----------------------------------------------------------------------- line and byte rules
 def rec(text: str) -> Record:
     return Record(kind="text", source="s", origin="o", text=text)
