@@ -74,13 +74,18 @@ def _init_worker(state: dict[str, Any]) -> None:
     _WORKER.update(state)
 
 
+_POOL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _init_pool_worker(state: dict[str, Any]) -> None:
     """A forked worker leaves signals to its parent: it inherits the run's handlers (which raise
     RunInterrupted), so Ctrl-C or a launcher's SIGTERM to the process group would print a traceback
     from every worker. Ctrl-C is ignored here (the parent stops and terminates the pool) and SIGTERM
-    does what it does by default."""
+    does what it does by default. The pool is forked with both blocked (`_pool`), so neither can
+    land before this runs (e.g. inside an at-fork hook); they are unblocked once handled."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _POOL_SIGNALS)
     _init_worker(state)
 
 
@@ -118,7 +123,14 @@ def _pool(num_proc: int, state: dict[str, Any]):
             yield lambda fn, it, chunksize=1: map(fn, it)
             return
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism; no fork warning
-        with mp.get_context("fork").Pool(num_proc, initializer=_init_pool_worker, initargs=(state,)) as pool:
+        # forked with SIGINT/SIGTERM blocked (the pool's worker-handler thread, which forks replacements,
+        # starts inside this window too); the parent gets any pending one as soon as the mask is back
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _POOL_SIGNALS)
+        try:
+            pool = mp.get_context("fork").Pool(num_proc, initializer=_init_pool_worker, initargs=(state,))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        with pool:
             yield lambda fn, it, chunksize=16: pool.imap(fn, it, chunksize=chunksize)
     finally:
         _WORKER.clear()
