@@ -262,6 +262,15 @@ def memory_budget(hw: HardwareConfig) -> Budget:
     return Budget(budget, source)
 
 
+def allocation_cap_gb(hw: HardwareConfig) -> float | None:
+    """The most PyTorch may hold on the GPU at once when the card is `hardware.gpu_memory_gb` (times
+    memory_headroom, less the CUDA context); None when no card size is set (then: what is free). Generation
+    sizes its batch and the merged copy under it, so a consumer_24gb run stays inside 24 GB on any card."""
+    if hw.device != "cuda" or hw.gpu_memory_gb is None:
+        return None
+    return float(hw.gpu_memory_gb) * hw.memory_headroom - CUDA_CONTEXT_GB
+
+
 def _divisors_desc(n: int) -> list[int]:
     return [k for k in range(n, 0, -1) if n % k == 0]
 

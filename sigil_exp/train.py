@@ -25,6 +25,7 @@ from sigil_exp.checks import check_run
 from sigil_exp.config import RunConfig
 from sigil_exp.data import build_datasets
 from sigil_exp.preflight import ModelShape, preflight
+from sigil_exp.sampler import use_whole_steps
 from sigil_exp.signals import RunInterrupted, StopOnSignal, graceful
 from sigil_exp.throughput import StepClock, dataset_lengths, measure_peak_tflops, speed_metrics
 from sigil_exp.tracking import steps_logged_before
@@ -128,6 +129,9 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
 
     hw, tr = cfg.hardware, cfg.train
     eval_every = tr.eval_steps if tr.eval_steps > 0 else None
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name: a
+    # deprecated alias); earlier 5.x releases know only the old one
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
     args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         seed=tr.seed,
@@ -143,8 +147,7 @@ def sft_config(cfg: RunConfig, run_dir: Path, has_eval: bool):
         per_device_train_batch_size=hw.micro_batch_size,
         per_device_eval_batch_size=hw.micro_batch_size,
         gradient_accumulation_steps=hw.grad_accum,
-        activation_checkpointing=hw.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": hw.checkpointing_reentrant},
+        **{ckpt: hw.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": hw.checkpointing_reentrant}},
         bf16=hw.precision == "bf16",
         fp16=hw.precision == "fp16",
         use_cpu=hw.device == "cpu",
@@ -220,6 +223,7 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None, start: rundir.Start | N
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                          callbacks=[callback, StopOnSignal(), *([in_training] if in_training else [])])
     _readable_output(trainer)
+    use_whole_steps(trainer)  # every step a full global batch: the same rows per step on 1 GPU and on N
     rundir.save_checkpoints_atomically(trainer, history=lambda: callback.history)
     modeling.set_adapter_dtype(trainer.model, cfg.hardware.adapter_dtype)  # after trl's bf16 cast, before the optimizer
     if cfg.train.init_adapter:  # phase 2: the phase-1 adapter's exact weights, not trl's bf16 rounding of them

@@ -30,6 +30,46 @@ def test_global_batch_gives_each_rank_its_share():
         validate(bad)
 
 
+def _steps(sampler_for, n: int, micro: int, accum: int, world: int, epochs: int) -> list[list[int]]:
+    """The rows of each optimizer step over `epochs`, as the trainer's data loader hands them to `world`
+    ranks (accelerate's own sharding) with `accum` micro-batches of `micro` rows per rank per step."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    loaders = [prepare_data_loader(DataLoader(list(range(n)), batch_size=micro, sampler=sampler_for(n)),
+                                   num_processes=world, process_index=r, use_seedable_sampler=True, data_seed=7)
+               for r in range(world)]
+    steps = []
+    for epoch in range(epochs):
+        per_rank = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            per_rank.append([b.tolist() for b in loader])
+        for k in range(0, len(per_rank[0]), accum):
+            steps.append(sorted(row for batches in per_rank for b in batches[k:k + accum] for row in b))
+    return steps
+
+
+def test_every_step_holds_the_same_rows_on_one_gpu_and_on_two():
+    from torch.utils.data import RandomSampler
+
+    from sigil_exp.sampler import WholeStepSampler
+
+    def whole(n):
+        return WholeStepSampler(n, 16, seed=7)
+
+    one, two = _steps(whole, 43, 8, 2, 1, 3), _steps(whole, 43, 8, 1, 2, 3)
+    assert one == two and len(one) == 6 and all(len(s) == 16 == len(set(s)) for s in one)  # 2 full steps an epoch
+    assert len({r for s in one for r in s}) > 32  # a new shuffle each epoch: the rows left over take turns
+    # The trainer's own shuffle ends each epoch with a short step, which DDP pads with repeated rows:
+    def shuffle(n):
+        return RandomSampler(range(n))
+
+    default_one, default_two = _steps(shuffle, 43, 8, 2, 1, 1), _steps(shuffle, 43, 8, 1, 2, 1)
+    assert [len(s) for s in default_one] == [16, 16, 11] and [len(s) for s in default_two] == [16, 16, 16]
+    assert WholeStepSampler(5, 16, seed=7).__len__() == 5  # fewer rows than a step: one short step, not none
+
+
 def test_dry_run_prints_the_launch_plan_of_a_slurm_node(cache_dir, tmp_path, monkeypatch):
     for k, v in {"SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_ID": "77"}.items():
         monkeypatch.setenv(k, v)
@@ -49,8 +89,11 @@ def test_dry_run_prints_the_launch_plan_of_a_slurm_node(cache_dir, tmp_path, mon
 def test_two_processes_train_like_one_at_the_same_global_batch(cache_dir, tmp_path):
     from sigil_exp.tracking import read_offline_run
 
-    common = ["experiment=smoke", "hardware.global_batch=8", "train.max_steps=3", "train.logging_steps=1",
-              "train.eval_steps=0", "eval.enabled=false", "lora.dropout=0"]  # dropout off: ranks draw their own masks
+    # 20 packed rows: 2 steps of 8 an epoch, so step 3 starts the second epoch (where the trainer's own
+    # shuffle would end the first with a short step on one process and a padded one on two)
+    common = ["experiment=smoke", "hardware.global_batch=8", "data.max_examples=12", "model.max_seq_len=256",
+              "train.max_steps=4", "train.logging_steps=1", "train.eval_steps=0", "eval.enabled=false",
+              "lora.dropout=0"]  # dropout off: ranks draw their own masks
     two, one = tmp_path / "two", tmp_path / "one"
     p = run_cli([*common, "hardware.nproc_per_node=2", f"hydra.run.dir={two}"], cache_dir)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -63,7 +106,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(cache_dir, tmp_pa
     assert m2["train/tokens"] == m1["train/tokens"]  # both ranks' tokens counted: the job's total
     l2 = [r["train/loss"] for r in m2["history"] if "train/loss" in r]
     l1 = [r["train/loss"] for r in m1["history"] if "train/loss" in r]
-    assert len(l2) == len(l1) == 3 and l2 == pytest.approx(l1, rel=1e-4)
+    assert len(l2) == len(l1) == 4 and l2 == pytest.approx(l1, rel=1e-4)
     assert m2["perf/allreduce_ms"] > 0 and m1["perf/allreduce_ms"] is None
     # rank 0 alone wrote: one adapter, one W&B run that knows it was two processes
     assert (two / "adapter" / "adapter_model.safetensors").is_file()

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import compose_cfg
 
 from sigil_exp.artifacts import find_artifact, load_for_generation, load_run_config
-from sigil_exp.config import EvalConfig, SigilError
+from sigil_exp.config import EvalConfig, SigilError, to_object
 from sigil_exp.evaluate import gen_config
 from sigil_exp.evaluate.generate import GenConfig, generate_completions, generate_tokens, generation_model
 from sigil_exp.evaluate.problems import load_problems
@@ -84,6 +85,11 @@ def test_merge_choice_and_eval_keys(trained):
     assert how == "merged" and not hasattr(copy, "peft_config")
     assert gen_config(EvalConfig(batch_size=64, merge="false", compile=True), "completion") == GenConfig(
         batch_size=64, merge=False, engine="static", max_new_tokens=512)
+    from sigil_exp.preflight import allocation_cap_gb
+
+    hw = to_object(compose_cfg("hardware=consumer_24gb")).hardware
+    assert gen_config(EvalConfig(), "completion", allocation_cap_gb(hw)).memory_gb == pytest.approx(24 * 0.92 - 0.6)
+    assert allocation_cap_gb(to_object(compose_cfg("hardware=cpu")).hardware) is None
     with pytest.raises(SigilError, match="eval.batch_size='big' must be auto or a positive integer"):
         gen_config(EvalConfig(batch_size="big"), "completion")
     with pytest.raises(SigilError, match="eval.merge='maybe' must be auto, true or false"):

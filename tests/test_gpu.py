@@ -148,3 +148,19 @@ def test_packed_steps_do_not_slow_down_with_distinct_document_lengths(tmp_path_f
     distinct = timed([batch(distinct_lengths(s)) for s in range(8)])
     assert len({n for s in range(8) for n in distinct_lengths(s)}) > 100
     assert distinct < 1.5 * equal, (distinct, equal)
+
+
+def test_generation_stays_under_the_memory_cap(model_dir):
+    """eval under hardware.gpu_memory_gb: the merge choice and the auto batch fit the cap, not the card."""
+    from sigil_exp.evaluate.gen_bench import load_bench_model
+    from sigil_exp.evaluate.generate import GenConfig, generate_tokens
+    from sigil_exp.evaluate.problems import load_problems
+
+    model, tok = load_bench_model(model_dir, None, "cuda")
+    problems = load_problems("pkg://assets/rust_problems.jsonl", None)
+    cap_gb = (torch.cuda.memory_allocated() + (1 << 30)) / 1e9  # 1 GiB above what the model holds
+    torch.cuda.reset_peak_memory_stats()
+    g = generate_tokens(model, tok, problems, GenConfig(n_samples=10, temperature=0.8, max_new_tokens=64,
+                                                        ignore_stop=True, memory_gb=cap_gb))
+    assert g.stats["rows"] == 10 * len(problems) and all(len(x) == 64 for x in g.ids)
+    assert torch.cuda.max_memory_allocated() / 1e9 <= cap_gb, (torch.cuda.max_memory_allocated() / 1e9, cap_gb)

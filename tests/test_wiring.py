@@ -120,6 +120,27 @@ def test_evaluate_cli_generates_with_the_trained_adapter(cli_completions):
     assert differ >= 2, "the CLI's completions do not depend on the adapter's weights"
 
 
+@needs_rustc
+def test_generate_only_then_execute_elsewhere_gives_the_same_evaluation(cli_completions, tiny_run, tmp_path, cache_dir):
+    """A GPU box without Rust: --generate-only writes the completions (and their speed) and stops;
+    --completions executes that file on a machine with rustc."""
+    run = _as_cli_run(tiny_run["dir"], tmp_path / "run", tiny_run["cfg"])
+    env = {**os.environ, "SIGIL_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sigil_exp.evaluate", str(run), "--limit", "4", "--generate-only",
+                           "--out", str(tmp_path / "gen")], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eval_dir = tmp_path / "gen" / "eval"
+    assert not (eval_dir / "metrics.json").exists() and "execute: python -m sigil_exp.evaluate --completions" in proc.stdout
+    assert json.loads((eval_dir / "generation.json").read_text())["gen_tokens_per_s"] > 0
+    generated = [json.loads(line) for line in (eval_dir / "completions.jsonl").read_text().splitlines()]
+    assert [c["raw"] for c in generated] == [c["raw"] for c in cli_completions["trained"]]
+    proc = subprocess.run([sys.executable, "-m", "sigil_exp.evaluate", "--completions", str(eval_dir / "completions.jsonl")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((eval_dir / "results.jsonl").read_text().splitlines()) == 4
+    assert "eval/pass@1" in json.loads((eval_dir / "metrics.json").read_text())["metrics"]
+
+
 # ------------------------------------------------------------------ evaluation during training
 @pytest.fixture(scope="module")
 def run_with_eval_steps(cache_dir, tmp_path_factory):

@@ -37,6 +37,7 @@ from sigil_exp.evaluate.generate import (
 from sigil_exp.evaluate.metrics import compute_metrics, error_histogram
 from sigil_exp.evaluate.problems import Problem, load_problems
 from sigil_exp.evaluate.sandbox import check_root_compile, detect_sandbox
+from sigil_exp.preflight import allocation_cap_gb
 
 __all__ = ["run_evaluation", "check_eval_setup", "execute_completions", "check_problems", "load_problems", "ProblemFailure",
            "Problem", "Result", "Sample", "Completion", "compute_metrics", "exec_config", "gen_config",
@@ -57,8 +58,9 @@ def exec_config(ev: EvalConfig) -> ExecConfig:
                       run_cpu_s=ev.run_cpu_s, allow_root=ev.sandbox_allow_root)
 
 
-def gen_config(ev: EvalConfig, fmt: str) -> GenConfig:
-    """The generation settings of `eval.*`; a bad eval.batch_size / eval.merge is one sentence."""
+def gen_config(ev: EvalConfig, fmt: str, memory_gb: float | None = None) -> GenConfig:
+    """The generation settings of `eval.*` (`memory_gb`: the run's `allocation_cap_gb`); a bad
+    eval.batch_size / eval.merge is one sentence."""
     batch = ev.batch_size
     if batch != "auto" and not (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0):
         raise SigilError(f"eval.batch_size={batch!r} must be auto or a positive integer (a cap on rows per batch).")
@@ -68,7 +70,7 @@ def gen_config(ev: EvalConfig, fmt: str) -> GenConfig:
         raise SigilError(f"eval.merge={ev.merge!r} must be auto, true or false.")
     return GenConfig(fmt=fmt, n_samples=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p,
                      max_new_tokens=ev.max_new_tokens, batch_size=0 if batch == "auto" else batch, seed=ev.seed,
-                     merge=merge, engine="static" if ev.compile else "sigil")
+                     merge=merge, engine="static" if ev.compile else "sigil", memory_gb=memory_gb)
 
 
 def check_eval_setup(cfg: RunConfig) -> None:
@@ -88,23 +90,34 @@ def check_eval_setup(cfg: RunConfig) -> None:
         raise SigilError(f"data.format={cfg.data.format!r} cannot be evaluated; set eval.enabled=false.")
 
 
-def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path) -> dict[str, float]:
-    """Generate, save completions, execute, write results + metrics, log to W&B; flat metrics back."""
+def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path,
+                   generate_only: bool = False) -> dict[str, float]:
+    """Generate, save completions, execute, write results + metrics, log to W&B; flat metrics back.
+    `generate_only`: stop after eval/completions.jsonl and eval/generation.json (a GPU box without
+    Rust; `python -m sigil_exp.evaluate --completions` executes them where rustc is)."""
     ev = cfg.eval
     problems = load_problems(ev.problems, ev.limit)
-    toolchain = find_toolchain()  # fail before spending time on generation
-    sandbox = detect_sandbox(ev.sandbox)
+    if not generate_only:
+        toolchain = find_toolchain()  # fail before spending time on generation
+        sandbox = detect_sandbox(ev.sandbox)
     eval_dir = Path(out_dir) / "eval"
     t0 = time.perf_counter()
     padding_side = getattr(tokenizer, "padding_side", "right")
     try:
-        completions = generate_completions(model, tokenizer, problems, gen_config(ev, cfg.data.format))
+        completions = generate_completions(model, tokenizer, problems,
+                                           gen_config(ev, cfg.data.format, allocation_cap_gb(cfg.hardware)))
     finally:
         tokenizer.padding_side = padding_side
     gen_s = time.perf_counter() - t0
+    new_tokens = sum(c.gen_tokens for c in completions if ev.temperature > 0 or c.sample_idx == 0)  # greedy: copies
+    generation = {"generation_s": round(gen_s, 2), "gen_new_tokens": new_tokens,
+                  "gen_tokens_per_s": round(new_tokens / max(gen_s, 1e-9), 1), "format": cfg.data.format}
     write_completions(eval_dir / "completions.jsonl", completions)
-    metrics = execute_completions(completions, ev, eval_dir, sandbox=sandbox, toolchain=toolchain,
-                                  extra={"generation_s": round(gen_s, 2), "format": cfg.data.format})
+    if generate_only:
+        (eval_dir / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
+        return {"eval/gen_tokens_per_s": generation["gen_tokens_per_s"]}
+    metrics = execute_completions(completions, ev, eval_dir, sandbox=sandbox, toolchain=toolchain, extra=generation)
+    metrics["eval/gen_tokens_per_s"] = generation["gen_tokens_per_s"]  # generation's speed, in W&B too
     log_to_wandb(metrics, eval_dir)
     return metrics
 

@@ -4,6 +4,7 @@ completions, or check a problem set.
     python -m sigil_exp.evaluate outputs/2026-11-28/10-00-00            # a run folder
     python -m sigil_exp.evaluate outputs/.../adapter --limit 10 --n-samples 5
     python -m sigil_exp.evaluate outputs/.../export-nf4_roundtrip       # a merged model (python -m sigil_exp.export)
+    python -m sigil_exp.evaluate outputs/... --generate-only            # a GPU box without Rust: completions only
     python -m sigil_exp.evaluate --completions outputs/.../eval/completions.jsonl   # no model
     python -m sigil_exp.evaluate --check-problems --problems my_problems.jsonl
 """
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], help="override hardware.device of the run")
     ap.add_argument("--merge", choices=["auto", "true", "false"], help="eval.merge: generate with the adapter merged")
     ap.add_argument("--batch-size", type=_batch_size, help="eval.batch_size: auto or a cap on rows per batch")
+    ap.add_argument("--generate-only", action="store_true", help="write eval/completions.jsonl and stop (no Rust "
+                    "here: execute them elsewhere with --completions)")
     ap.add_argument("--out", type=Path, help="output folder (default: <run>/eval, or next to --completions)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -106,7 +109,11 @@ def _main(args: argparse.Namespace) -> int:
     cfg.eval = ev
     model, tokenizer = load_for_generation(art, cfg)
     out = args.out or art.run or art.path
-    metrics = run_evaluation(cfg, model, tokenizer, out)
+    metrics = run_evaluation(cfg, model, tokenizer, out, generate_only=args.generate_only)
+    if args.generate_only:
+        print(f"generated {metrics['eval/gen_tokens_per_s']:.0f} new tokens/s; completions: "
+              f"{out / 'eval' / 'completions.jsonl'} (execute: python -m sigil_exp.evaluate --completions <that file>)")
+        return 0
     _print_summary(metrics, out / "eval")
     return 0
 

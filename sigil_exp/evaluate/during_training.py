@@ -37,6 +37,7 @@ from sigil_exp.evaluate import (
 )
 from sigil_exp.evaluate.problems import Problem
 from sigil_exp.evaluate.sandbox import detect_sandbox
+from sigil_exp.preflight import allocation_cap_gb
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class InTrainingEval(TrainerCallback):
         try:
             with torch.random.fork_rng(devices=devices):  # sampling seeds must not reseed training's dropout
                 completions = generate_completions(model, self.tokenizer, self.problems,
-                                                   gen_config(self.cfg.eval, self.cfg.data.format))
+                                                   gen_config(self.cfg.eval, self.cfg.data.format,
+                                                              allocation_cap_gb(self.cfg.hardware)))
         finally:
             model.train(was_training)
             self.tokenizer.padding_side = padding_side

@@ -1,5 +1,5 @@
 """Evaluation's generation paths side by side: new tokens/s, batch, peak memory, and greedy token
-agreement with the old path.
+agreement with the old path (free-running, and teacher-forced on the old path's tokens).
 
     python -m sigil_exp.evaluate.gen_bench --tiny                      # the code path on the CPU in seconds
     python -m sigil_exp.evaluate.gen_bench --model /tmp/m8b --shape 8b --ignore-stop --n-samples 10 --out gen.json
@@ -14,6 +14,12 @@ Paths (each one `generate_tokens` call on the same problems, sampled at --temper
   merged    the adapter merged into a bf16 copy built from the 4-bit weights, the own loop: the default
             when the copy fits (eval.merge=auto)
   static    merged, transformers generate with a static KV cache, compiled on CUDA (eval.compile=true)
+
+Agreement, greedy, on the first --agree-problems problems: `token_agreement` compares each path's own
+greedy text with the old path's position by position (after one flipped near-tie a row follows another
+text, so this mixes rounding with divergence); `teacher_forced_agreement` feeds every path the old
+path's tokens and counts the positions where it ranks the same token first (rounding alone).
+--memory-gb caps what generation may hold, as a run's hardware.gpu_memory_gb does (24: consumer_24gb).
 
 With random weights nothing stops early, so pass --ignore-stop (EOS suppressed, no brace stop):
 every row then runs max_new_tokens and the rows are comparable. Without --adapter a LoRA r16 on all
@@ -84,12 +90,38 @@ def _agreement(ref: list[list[int]], other: list[list[int]]) -> dict[str, float]
             "rows_identical": round(sum(r == o for r, o in zip(ref, other, strict=True)) / max(len(ref), 1), 4)}
 
 
+def _teacher_forced(model, tok, problems, merge: bool, ref: list[list[int]]) -> dict[str, float]:
+    """Share of the reference's greedy tokens that this path's model also ranks first when fed the
+    reference's own prefix: the rounding difference alone, without free-running generation's
+    divergence (after one flipped near-tie a free-running row follows another text)."""
+    import torch
+
+    from sigil_exp.evaluate.generate import _free_cuda, _model_inputs, generation_model
+
+    gen_model, how, _ = generation_model(model, merge)
+    inputs = _model_inputs(tok, problems, "completion")
+    device = next(gen_model.parameters()).device
+    same = total = 0
+    with torch.inference_mode():
+        for prompt, gen in zip(inputs, ref, strict=True):
+            if not gen:
+                continue
+            logits = gen_model(input_ids=torch.tensor([prompt + gen], device=device)).logits[0]
+            pred = logits[len(prompt) - 1:len(prompt) + len(gen) - 1].argmax(-1).tolist()
+            same, total = same + sum(a == b for a, b in zip(pred, gen, strict=True)), total + len(gen)
+    if how == "merged":
+        del gen_model
+        _free_cuda()
+    return {"teacher_forced_agreement": round(same / max(total, 1), 4)}
+
+
 def bench_generation(model_dir, adapter_dir, problems, n_samples: int, paths=DEFAULT_PATHS, device: str = "cuda", *,
                      temperature: float = 0.8, max_new_tokens: int = 256, ignore_stop: bool = False,
                      old_rows: int | None = 16, agree_problems: int = 8, agree_tokens: int = 64,
-                     batch_size: int = 0) -> list[dict[str, Any]]:
+                     batch_size: int = 0, memory_gb: float | None = None) -> list[dict[str, Any]]:
     """One row per path: {path, batch, rows, new_tokens, new_tokens_per_s, peak_gb, seconds, merge_s, ...,
-    token_agreement, rows_identical} (agreement: greedy, against the first path)."""
+    token_agreement, rows_identical, teacher_forced_agreement} (agreement: greedy, against the first
+    path; `memory_gb` caps what generation may hold, as hardware.gpu_memory_gb does in a run)."""
     import torch
 
     from sigil_exp.evaluate.generate import GenConfig, generate_tokens
@@ -99,7 +131,7 @@ def bench_generation(model_dir, adapter_dir, problems, n_samples: int, paths=DEF
         raise ValueError(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)}")
     model, tok = load_bench_model(model_dir, adapter_dir, device)
     base_cfg = GenConfig(n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, ignore_stop=ignore_stop, seed=0)
+                         batch_size=batch_size, ignore_stop=ignore_stop, seed=0, memory_gb=memory_gb)
     rows = []
     for name in paths:
         probs = problems
@@ -124,11 +156,14 @@ def bench_generation(model_dir, adapter_dir, problems, n_samples: int, paths=DEF
         ids = [x for _, x in sorted(zip(g.rows, g.ids, strict=True))]
         ref = ref or ids
         row.update(_agreement(ref, ids))
+    for row in rows:
+        row.update(_teacher_forced(model, tok, problems[:agree_problems], PATHS[row["path"]]["merge"], ref))
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["path", "batch", "rows", "new_tokens", "new_tokens_per_s", "peak_gb", "seconds", "merge_s", "token_agreement"]
+    cols = ["path", "batch", "rows", "new_tokens", "new_tokens_per_s", "peak_gb", "seconds", "merge_s", "token_agreement",
+            "teacher_forced_agreement"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
@@ -149,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--old-rows", type=int, default=16, help="rows the slow old path runs (0 = all)")
     ap.add_argument("--ignore-stop", action="store_true", help="no EOS / brace stop: every row runs max_new_tokens")
     ap.add_argument("--batch-size", type=int, default=0, help="cap on rows per batch (0 = as memory allows)")
+    ap.add_argument("--memory-gb", type=float, help="cap on what generation may hold on the GPU, as a run's "
+                    "hardware.gpu_memory_gb does (e.g. 24 for the consumer_24gb card)")
     ap.add_argument("--agree-problems", type=int, default=8)
     ap.add_argument("--agree-tokens", type=int, default=64)
     ap.add_argument("--device", choices=["cuda", "cpu"])
@@ -186,11 +223,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             device, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             ignore_stop=args.ignore_stop, old_rows=args.old_rows or None,
                             agree_problems=args.agree_problems, agree_tokens=args.agree_tokens,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, memory_gb=args.memory_gb)
     report = {"command": "python -m sigil_exp.evaluate.gen_bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "model": str(model_dir), "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
               "problems": len(problems), "n_samples": args.n_samples, "temperature": args.temperature,
-              "max_new_tokens": args.max_new_tokens, "ignore_stop": args.ignore_stop,
+              "max_new_tokens": args.max_new_tokens, "ignore_stop": args.ignore_stop, "memory_gb": args.memory_gb,
               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
               "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
     print_table(rows)

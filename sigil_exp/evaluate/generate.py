@@ -40,6 +40,7 @@ class GenConfig:
     merge: bool | None = None  # merge the adapter into a bf16 copy; None = auto (CUDA and it fits)
     engine: str = "sigil"  # sigil (own loop) | static (transformers generate, static cache, compiled on CUDA) | hf (generate: the old path)
     ignore_stop: bool = False  # benchmarks on random weights: no EOS or brace stop, every row runs to max_new_tokens
+    memory_gb: float | None = None  # CUDA: the most the process may hold (hardware.gpu_memory_gb); None = all that is free
 
 
 @dataclass
@@ -144,7 +145,7 @@ def generate_tokens(model, tokenizer, problems: list[Problem], cfg: GenConfig) -
     inputs = _model_inputs(tokenizer, problems, cfg.fmt)
     was_training = model.training
     model.eval()
-    gen_model, how, merge_s = generation_model(model, cfg.merge)
+    gen_model, how, merge_s = generation_model(model, cfg.merge, cfg.memory_gb)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -155,7 +156,7 @@ def generate_tokens(model, tokenizer, problems: list[Problem], cfg: GenConfig) -
                 order = sorted(range(len(problems)), key=lambda i: -len(inputs[i]))
                 rows = [(pi, s) for pi in order for s in range(reps)]
                 batch = cfg.batch_size or auto_batch(gen_model, len(inputs[order[0]]) if order else 1,
-                                                     cfg.max_new_tokens, len(rows))
+                                                     cfg.max_new_tokens, len(rows), cfg.memory_gb)
             ids = _run_waves(gen_model, tokenizer, problems, inputs, rows, batch, cfg, t0)
         seconds = time.perf_counter() - t0
     finally:
@@ -235,12 +236,12 @@ def _hf_generate(model, tokenizer, prompts: list[list[int]], entry_points: list[
     return out
 
 
-def generation_model(model, merge: bool | None):
+def generation_model(model, merge: bool | None, memory_gb: float | None = None):
     """(model to generate with, "merged" | "adapter" | "plain", seconds spent merging).
 
     A peft model is merged into a bf16 copy built from its own (4-bit) weights when `merge` is
     true, or when None (auto) on CUDA if the copy, a first batch's KV cache and some slack fit in
-    free memory. On the CPU auto keeps the trained model itself: exact, and no copy to build."""
+    the room left (`cuda_room`). On the CPU auto keeps the trained model itself: exact, and no copy to build."""
     import torch
 
     from sigil_exp.merge import full_precision_bytes, merged_copy
@@ -252,9 +253,10 @@ def generation_model(model, merge: bool | None):
         merge = False
         if device.type == "cuda" and not _has_int8(model):
             _free_cuda()
-            need, (free, total) = full_precision_bytes(model), torch.cuda.mem_get_info(device)
-            merge = need + max(4 << 30, total // 10) < free
-            log.info("eval.merge=auto: a merged bf16 copy needs %.1f GB, %.1f GB free -> %s", need / 1e9, free / 1e9,
+            need, room = full_precision_bytes(model), cuda_room(device, memory_gb)
+            total = torch.cuda.mem_get_info(device)[1] if memory_gb is None else int(memory_gb * 1e9)
+            merge = need + max(4 << 30, total // 10) < room
+            log.info("eval.merge=auto: a merged bf16 copy needs %.1f GB, %.1f GB left -> %s", need / 1e9, room / 1e9,
                      "merge" if merge else "4-bit + LoRA")
     if not merge:
         return model, "adapter", 0.0
@@ -264,11 +266,21 @@ def generation_model(model, merge: bool | None):
     return merged, "merged", time.perf_counter() - t0
 
 
-def auto_batch(model, prompt_width: int, max_new_tokens: int, n_rows: int) -> int:
-    """Rows per batch: on CUDA as many as the free memory holds (KV cache of prompt + new tokens,
-    float32 logits, a prefill reserve); on the CPU up to 256."""
+def cuda_room(device, memory_gb: float | None) -> int:
+    """Bytes generation may still allocate on `device`: what is free, and under a `memory_gb` cap
+    (hardware.gpu_memory_gb) what the process does not hold yet."""
     import torch
 
+    _free_cuda()
+    room = torch.cuda.mem_get_info(device)[0]
+    if memory_gb is not None:
+        room = min(room, int(memory_gb * 1e9) - torch.cuda.memory_allocated(device))
+    return max(room, 0)
+
+
+def auto_batch(model, prompt_width: int, max_new_tokens: int, n_rows: int, memory_gb: float | None = None) -> int:
+    """Rows per batch: on CUDA as many as the room left holds (KV cache of prompt + new tokens,
+    float32 logits, a prefill reserve; `cuda_room`); on the CPU up to 256."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return max(1, min(n_rows, 256))
@@ -278,10 +290,10 @@ def auto_batch(model, prompt_width: int, max_new_tokens: int, n_rows: int) -> in
     kv_per_token = 2 * c.num_hidden_layers * (getattr(c, "num_key_value_heads", None) or heads) * head_dim * 2
     per_row = kv_per_token * (prompt_width + max_new_tokens) + c.vocab_size * 4 * 4
     prefill = 16384 * (c.hidden_size * 16 + getattr(c, "intermediate_size", 4 * c.hidden_size) * 6)
-    _free_cuda()
-    free = torch.cuda.mem_get_info(device)[0]
-    rows = int((0.85 * free - prefill) // per_row)
-    log.info("eval.batch_size=auto: %.1f GB free, %.2f MB per row -> %d rows", free / 1e9, per_row / 1e6, rows)
+    room = cuda_room(device, memory_gb)
+    rows = int((0.85 * room - prefill) // per_row)
+    log.info("eval.batch_size=auto: %.1f GB left%s, %.2f MB per row -> %d rows", room / 1e9,
+             f" under {memory_gb:.1f} GB" if memory_gb is not None else "", per_row / 1e6, rows)
     return max(1, min(n_rows, rows))
 
 
