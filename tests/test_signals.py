@@ -25,19 +25,21 @@ def _deliver(signum: int) -> None:
 
 
 def test_first_signal_asks_for_a_stop_and_a_second_aborts():
+    before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler; SIG_IGN in a shell's background job
     with pytest.raises(RunInterrupted) as e, graceful() as stop:
         _deliver(signal.SIGINT)
         assert stop.signum == signal.SIGINT  # training goes on to the end of its step
         _deliver(signal.SIGINT)
     assert e.value.signum == signal.SIGINT and e.value.exit_code == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not STOP.graceful
+    assert signal.getsignal(signal.SIGINT) is before and not STOP.graceful  # the handler it found is back
 
 
 def test_outside_training_a_signal_aborts_at_once_with_its_exit_code():
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RunInterrupted) as e, handled():
         _deliver(signal.SIGTERM)
     assert e.value.exit_code == 143 and "stopped by SIGTERM without a final save" in str(e.value)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_launchers_preemption_signal_is_handed_back_after_the_stop():

@@ -116,15 +116,17 @@ def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path,
     if generate_only:
         (eval_dir / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
         return {"eval/gen_tokens_per_s": generation["gen_tokens_per_s"]}
-    metrics = execute_completions(completions, ev, eval_dir, sandbox=sandbox, toolchain=toolchain, extra=generation)
-    metrics["eval/gen_tokens_per_s"] = generation["gen_tokens_per_s"]  # generation's speed, in W&B too
+    metrics = execute_completions(completions, ev, eval_dir, sandbox=sandbox, toolchain=toolchain, extra=generation,
+                                  extra_metrics={"eval/gen_tokens_per_s": generation["gen_tokens_per_s"]})  # W&B too
     log_to_wandb(metrics, eval_dir)
     return metrics
 
 
 def execute_completions(completions: list[Completion], ev: EvalConfig, eval_dir: Path, *, sandbox=None,
-                        toolchain=None, extra: dict[str, Any] | None = None) -> dict[str, float]:
-    """Execute saved completions; write results.jsonl and metrics.json into `eval_dir`."""
+                        toolchain=None, extra: dict[str, Any] | None = None,
+                        extra_metrics: dict[str, float] | None = None) -> dict[str, float]:
+    """Execute saved completions; write results.jsonl and metrics.json into `eval_dir` (`extra` at its
+    top level, `extra_metrics` beside the pass rates)."""
     sandbox = sandbox or detect_sandbox(ev.sandbox)
     samples = [Sample(task_id=c.task_id, category=c.category, prompt=c.prompt, completion=c.completion, test=c.test,
                       sample_idx=c.sample_idx) for c in completions]
@@ -135,7 +137,7 @@ def execute_completions(completions: list[Completion], ev: EvalConfig, eval_dir:
     with (eval_dir / "results.jsonl").open("w", encoding="utf-8") as f:
         for r in results:
             f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    metrics = compute_metrics(results)
+    metrics = {**compute_metrics(results), **(extra_metrics or {})}
     summary = {
         "metrics": metrics, "error_codes": error_histogram(results), "sandbox": sandbox.describe(),
         "execution_s": round(exec_s, 2), "samples_per_min": round(len(results) / max(exec_s, 1e-9) * 60, 1),
