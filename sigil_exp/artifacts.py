@@ -146,9 +146,12 @@ def load_for_generation(art: Artifact, cfg: RunConfig):
     if art.kind == "export":
         from transformers import AutoModelForCausalLM
 
+        from sigil_exp.attention import register_sdpa_varlen
+
+        register_sdpa_varlen()  # sdpa + copy-free grouped-query decode steps
         model = AutoModelForCausalLM.from_pretrained(
             str(art.model), dtype="auto", device_map={"": 0} if cfg.hardware.device == "cuda" else "cpu",
-            attn_implementation="sdpa")
+            attn_implementation="sdpa_varlen")
     else:
         from peft import PeftModel
 

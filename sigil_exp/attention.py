@@ -1,5 +1,6 @@
-"""`attn_implementation="sdpa_varlen"`: causal attention per packed document, registered with
-transformers' attention interface (`register_sdpa_varlen`, called by `model.load_base_model`)."""
+"""`attn_implementation="sdpa_varlen"`: sdpa, with causal attention per packed document in training and
+grouped-query decoding without copies in generation; registered with transformers' attention
+interface (`register_sdpa_varlen`, called by `model.load_base_model` and the evaluation's loaders)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ import torch
 #   - where that is missing (older torch, fp32, CPU), causal SDPA once per document; on CUDA the
 #     cuDNN backend is kept out of that loop because it builds a new plan for every new sequence
 #     length (real documents have hundreds of distinct lengths: 4.3k instead of 11.4k tokens/s).
-# Padded batches (a 2-D attention mask) take the plain sdpa path.
+# Padded batches (a 2-D attention mask) take the plain sdpa path, except one decode step of a GQA model:
+#
+# ------------------------------------------------------------------ grouped-query decode step
+# With a padding mask transformers' sdpa path copies every K/V head once per query head it serves
+# (`repeat_kv`: Llama 3 8B has 32 query and 8 KV heads, so 4x the whole KV cache is written and read
+# again, each layer, each step; masked SDPA would fall back to its math kernel with `enable_gqa`). In
+# a decode step each row has one query per head, so the 4 query heads of a group are stacked as 4
+# query positions of their KV head: SDPA([B, 8, 4, D] x [B, 8, L, D]) with the row's [B, 1, 1, L]
+# mask, the same attention with the cache read once and nothing copied (`_grouped_decode`).
 
 _CU_CACHE: list = [None, None]  # [weakref to the last cu_seq_lens tensor, its boundaries as a list]
 _VARLEN: dict[str, Any] = {}  # resolved once: the function and the keywords this torch version takes
@@ -93,6 +102,8 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
     for k in ("cu_seq_lens_k", "max_length_k", "seq_idx"):
         kwargs.pop(k, None)
     q_len = query.shape[2]
+    if q_len == 1 and key.shape[1] < query.shape[1] and attention_mask is not None and dropout == 0.0:
+        return _grouped_decode(query, key, value, attention_mask, scaling), None
     if attention_mask is not None or cu is None or query.shape[0] != 1 or key.shape[2] != q_len:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -122,6 +133,18 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
                                               dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
                 outs.append(o)
     return torch.cat(outs, dim=1), None
+
+
+def _grouped_decode(query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """One decode step of grouped-query attention: query [B, H, 1, D], key/value [B, Hkv, L, D], mask
+    [B, 1, 1, L] (bool: attend, or additive). Query head h reads KV head h // (H / Hkv), as `repeat_kv`
+    pairs them. Returns [B, 1, H, D] (transformers' layout after attention)."""
+    b, h, _, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, h // hkv, d)  # the heads of a group as query positions of their KV head
+    mask = attention_mask[:, :, -1:, : key.shape[2]]  # [B, 1, 1, L]: broadcast over KV heads and the group
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, 1, d).transpose(1, 2)
 
 
 def _varlen_mask(*args, **kwargs):

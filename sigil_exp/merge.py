@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from sigil_exp.attention import register_sdpa_varlen
 from sigil_exp.config import QuantConfig, SigilError
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,9 @@ def merged_copy(model, dtype: torch.dtype = torch.bfloat16):
             delattr(config, attr)
     config._is_quantized = False
     config.use_cache = True
+    register_sdpa_varlen()  # sdpa + copy-free grouped-query decode steps
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa_varlen")
     with torch.no_grad():
         for full, _param in list(plain.named_parameters()):
             mod_name, _, pname = full.rpartition(".")

@@ -60,6 +60,38 @@ def test_fused_lora_is_applied_from_the_hardware_knob(tiny_dir):
     assert m.base_model.model.config.use_cache is False
 
 
+def test_grouped_decode_step_is_repeat_kv_attention_without_the_copies():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sigil_exp.attention import sdpa_varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((8, 1), (2, 11), (2, 11)))
+    mask = torch.ones(3, 1, 1, 11, dtype=torch.bool)
+    mask[0, ..., :4] = mask[2, ..., :7] = False  # left padding of rows 0 and 2
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 4, True, False
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)  # transformers: K/V copied 4x
+    out, _ = sdpa_varlen_attention(module, q, k, v, mask, scaling=0.25)
+    assert out.shape == ref.shape == (3, 1, 8, 16) and torch.allclose(out, ref, atol=1e-6)
+
+
+def test_sdpa_varlen_generates_left_padded_rows_as_sdpa_does(tiny_dir):
+    mc = ModelConfig(name="t", name_or_path=str(tiny_dir))
+    q = QuantConfig(method="none", compute_dtype="float32")
+    ids = torch.tensor([[2, 2, 2, 7, 8, 9], [5, 6, 7, 8, 9, 10]])  # row 0 left-padded (pad id 2)
+    mask = (ids != 2).long()
+    outs = []
+    for attn in ("sdpa", "sdpa_varlen"):
+        m = modeling.load_base_model(mc, q, HardwareConfig(name="t", device="cpu", attn_implementation=attn),
+                                     path=str(tiny_dir)).eval()
+        with torch.no_grad():
+            outs.append(m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=2,
+                                   output_scores=True, return_dict_in_generate=True))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outs[0].scores, outs[1].scores, strict=True))
+
+
 def test_sdpa_varlen_keeps_packed_documents_apart(tiny_dir):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

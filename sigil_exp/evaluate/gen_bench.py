@@ -57,7 +57,7 @@ def load_bench_model(model_dir: str | Path, adapter_dir: str | Path | None, devi
     from sigil_exp.model import load_base_model, load_tokenizer, peft_config
 
     mcfg = ModelConfig(name="bench", name_or_path=str(model_dir))
-    base = load_base_model(mcfg, QuantConfig(), HardwareConfig(name="bench", device=device, attn_implementation="sdpa"))
+    base = load_base_model(mcfg, QuantConfig(), HardwareConfig(name="bench", device=device, attn_implementation="sdpa_varlen"))
     if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tok = load_tokenizer(mcfg, str(model_dir))
     else:
