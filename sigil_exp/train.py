@@ -243,7 +243,7 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None, start: rundir.Start | N
             raise RunInterrupted(stop.signum, step, str(run_dir / "checkpoints" / f"checkpoint-{step}"), recorded=True)
         train_s = result.metrics.get("train_runtime")
     best = in_training.restore_best(trainer.model) if in_training else {}  # train.keep_best: the adapter below
-    final_eval = trainer.evaluate() if data.eval is not None else {}
+    final_eval = _final_eval(trainer, callback.history, adapter_changed=bool(best)) if data.eval is not None else {}
     peak_gb = distributed.reduce_max(peak_memory_gb(cfg.hardware.device))  # per GPU: the largest over the ranks
     allreduce_ms = distributed.time_allreduce(trainable)  # what DDP moves per step: the LoRA gradients (fp32)
     if not distributed.is_main():  # the main process saves, evaluates and writes the run folder
@@ -282,6 +282,15 @@ def train(cfg: RunConfig, run_dir: Path, wandb_run=None, start: rundir.Start | N
     if wandb_run is not None:
         wandb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, int | float)})
     return metrics
+
+
+def _final_eval(trainer, history: list[dict[str, Any]], adapter_changed: bool) -> dict[str, Any]:
+    """The eval loss of the adapter being saved: the trainer's own evaluation at the last step when it
+    ran one (eval_steps dividing max_steps) and the adapter is still that step's, else a new one."""
+    last = next((r for r in reversed(history) if "eval/loss" in r), None)
+    if not adapter_changed and last is not None and last.get("train/global_step") == trainer.state.global_step:
+        return {"eval_loss": last["eval/loss"]}
+    return trainer.evaluate()
 
 
 def _train_summary(history: list[dict[str, Any]], trainer) -> dict[str, Any]:

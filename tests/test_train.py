@@ -47,6 +47,9 @@ def test_wandb_offline_run_reads_back(tiny_run):
     assert [s for s, _ in logged] == [s for s, _ in expected]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected])
     assert any("eval/loss" in r for r in run["history"])
+    evals = [(r["train/global_step"], r["eval/loss"]) for r in tiny_run["metrics"]["history"] if "eval/loss" in r]
+    assert [s for s, _ in evals] == [15, 30]  # the trainer's evaluation at step 30 is the final one, not repeated
+    assert tiny_run["metrics"]["eval/loss"] == evals[-1][1]
     assert {"train/learning_rate", "train/grad_norm", "train/window_tokens_per_s", "sys/peak_mem_gb"} <= set(run["history"][-3])
     assert run["summary"]["params/trainable"] == tiny_run["metrics"]["params/trainable"]
     # one speed figure: the steady state (warm-up steps excluded) in metrics.json and in the W&B summary
