@@ -126,6 +126,8 @@ def test_generate_only_then_execute_elsewhere_gives_the_same_evaluation(cli_comp
     --completions executes that file on a machine with rustc."""
     run = _as_cli_run(tiny_run["dir"], tmp_path / "run", tiny_run["cfg"])
     env = {**os.environ, "SIGIL_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "gen" / "eval").mkdir(parents=True)
+    (tmp_path / "gen" / "eval" / "metrics.json").write_text("{}")  # an earlier evaluation's, of other completions
     proc = subprocess.run([sys.executable, "-m", "sigil_exp.evaluate", str(run), "--limit", "4", "--generate-only",
                            "--out", str(tmp_path / "gen")], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -114,6 +114,8 @@ def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path,
                   "gen_tokens_per_s": round(new_tokens / max(gen_s, 1e-9), 1), "format": cfg.data.format}
     write_completions(eval_dir / "completions.jsonl", completions)
     if generate_only:
+        for stale in ("results.jsonl", "metrics.json"):  # an earlier evaluation's verdicts on other completions
+            (eval_dir / stale).unlink(missing_ok=True)
         (eval_dir / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
         return {"eval/gen_tokens_per_s": generation["gen_tokens_per_s"]}
     metrics = execute_completions(completions, ev, eval_dir, sandbox=sandbox, toolchain=toolchain, extra=generation,
