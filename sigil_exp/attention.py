@@ -27,7 +27,8 @@ import torch
 # again, each layer, each step; masked SDPA would fall back to its math kernel with `enable_gqa`). In
 # a decode step each row has one query per head, so the 4 query heads of a group are stacked as 4
 # query positions of their KV head: SDPA([B, 8, 4, D] x [B, 8, L, D]) with the row's [B, 1, 1, L]
-# mask, the same attention with the cache read once and nothing copied (`_grouped_decode`).
+# mask, the same attention with the cache read once and nothing copied (`_grouped_decode`). cuDNN is kept
+# out here too: every decode step has a new cache length, and its planning made the H200 wait on the CPU.
 
 _CU_CACHE: list = [None, None]  # [weakref to the last cu_seq_lens tensor, its boundaries as a list]
 _VARLEN: dict[str, Any] = {}  # resolved once: the function and the keywords this torch version takes
@@ -143,7 +144,8 @@ def _grouped_decode(query, key, value, attention_mask, scaling) -> torch.Tensor:
     hkv = key.shape[1]
     q = query.reshape(b, hkv, h // hkv, d)  # the heads of a group as query positions of their KV head
     mask = attention_mask[:, :, -1:, : key.shape[2]]  # [B, 1, 1, L]: broadcast over KV heads and the group
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    with _no_cudnn(query.device):  # cuDNN plans anew for every cache length: 1.3 ms of CPU per layer per step
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, h, 1, d).transpose(1, 2)
 
 

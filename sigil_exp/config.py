@@ -202,8 +202,14 @@ class EvalConfig:
     # Generation speed (same outputs): rows per batch at most, or auto (every sample of every problem at once
     # when memory allows; CPU: up to 256). Rows are sorted by prompt length; finished rows leave the batch.
     batch_size: Any = "auto"  # auto | a positive integer cap
-    merge: Any = "auto"  # auto (CUDA, if a bf16 copy fits: ~2x faster) | true | false (4-bit base + LoRA, least memory)
+    # What generation multiplies by. trained: the model as trained (4-bit base + LoRA; least memory). dense: a copy
+    # of the dequantised base in the compute dtype (bf16 on GPUs) with the adapter beside it: the same weights, faster.
+    # merged: the adapter merged into that copy (export's weights: one more rounding). auto: dense on CUDA if it fits.
+    weights: str = "auto"  # auto | trained | dense | merged
     compile: bool = False  # static KV cache + torch.compile (transformers generate) instead of the own decode loop
+    # true: write eval/completions.jsonl and stop (a GPU box without Rust); execute them where rustc is with
+    # `python -m sigil_exp.evaluate --completions <run>/eval/completions.jsonl`
+    generate_only: bool = False
     edition: str = "2021"
     timeout_s: float = 10.0  # per test run (wall clock)
     workers: int = 2

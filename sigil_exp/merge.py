@@ -1,5 +1,6 @@
 """Merging a LoRA adapter into full-precision weights: one set of functions for the export
-(`python -m sigil_exp.export`) and for evaluation's merged generation copy.
+(`python -m sigil_exp.export`) and for evaluation's full-precision generation copy
+(`full_precision_copy`: the adapter merged, or kept beside the dequantised weights).
 
     adapter (peft state dict + adapter_config.json) --lora_deltas()--> {module name: LoraDelta}
     base weight: the checkpoint's, NF4-roundtripped (`nf4_roundtrip`) or as is (`original`),
@@ -147,7 +148,7 @@ def dequantized_weight(module) -> torch.Tensor:
         return bnbf.dequantize_4bit(module.weight.data, state)
     if isinstance(module, bnb.nn.Linear8bitLt):
         raise SigilError("The base is int8 (quant=int8), whose outlier decomposition has no single dequantised "
-                         "weight to merge into; set eval.merge=false (or export with --merge-base original).")
+                         "weight to merge into; set eval.weights=trained (or export with --merge-base original).")
     return module.weight
 
 
@@ -192,10 +193,42 @@ def merge_into(model, deltas: dict[str, LoraDelta], quant: QuantConfig | None, d
     return counts
 
 
-def merged_copy(model, dtype: torch.dtype = torch.bfloat16):
+class LoraBeside(torch.nn.Module):
+    """A linear layer with its LoRA adapter kept beside the weight instead of merged into it:
+    y = x W^T + s (x A^T) B^T, with W the base weight as is (no rounding of W + s*B@A). [W; A] is one
+    weight, so the base and the adapter's down-projection are one GEMM; one addmm adds the rest."""
+
+    def __init__(self, weight: torch.Tensor, delta: LoraDelta, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.scaling = float(delta.scaling)
+        a = delta.a.to(weight.device, weight.dtype)
+        self.weight_a = torch.nn.Parameter(torch.cat([weight, a]), requires_grad=False)  # [out + r, in]
+        self.lora_b_t = torch.nn.Parameter(delta.b.to(weight.device, weight.dtype).T.contiguous(),
+                                           requires_grad=False)  # [r, out]
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight_a).reshape(-1, self.weight_a.shape[0])
+        out = torch.addmm(y[:, :self.out_features], y[:, self.out_features:], self.lora_b_t, alpha=self.scaling)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def _beside(delta: LoraDelta | None) -> bool:
+    """Whether a layer's adapter can be kept beside its weight (plain LoRA; DoRA rescales W + s*B@A)."""
+    return delta is not None and delta.magnitude is None and not delta.fan_in_fan_out
+
+
+def full_precision_copy(model, dtype: torch.dtype = torch.bfloat16, merge: bool = False):
     """Evaluation: a plain transformers model computing `model` (a peft model on a 4-bit or
-    full-precision base) with the adapter merged, built layer by layer from the weights already
-    on the device, so only one full-precision layer exists besides the copy at any time."""
+    full-precision base) in `dtype`, built layer by layer from the weights already on the device, so
+    only one full-precision layer exists besides the copy at any time.
+
+    merge=False: every base weight is the dequantised one training multiplied by, and each adapter is
+    computed beside it (`LoraBeside`; a DoRA layer is merged). merge=True: W + s*B@A rounded once to
+    `dtype`, the weights `python -m sigil_exp.export` writes (one more rounding per weight)."""
     from transformers import AutoModelForCausalLM
 
     base = model.get_base_model()
@@ -209,16 +242,26 @@ def merged_copy(model, dtype: torch.dtype = torch.bfloat16):
     register_sdpa_varlen()  # sdpa + copy-free grouped-query decode steps
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa_varlen")
+    beside: dict[str, LoraDelta] = {}
     with torch.no_grad():
         for full, _param in list(plain.named_parameters()):
             mod_name, _, pname = full.rpartition(".")
             src = base.get_submodule(mod_name)
             src = getattr(src, "base_layer", src)  # a peft LoRA layer wraps the base linear
             if pname == "weight" and isinstance(plain.get_submodule(mod_name), torch.nn.Linear):
-                value = merged_weight(dequantized_weight(src), deltas.pop(mod_name, None), dtype)
+                delta = deltas.pop(mod_name, None)
+                if not merge and _beside(delta):
+                    beside[mod_name] = delta
+                    delta = None
+                value = merged_weight(dequantized_weight(src), delta, dtype)
             else:
                 value = getattr(src, pname).detach().to(dtype, copy=True)
             plain.get_submodule(mod_name)._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
+            if mod_name in beside and pname == "weight":
+                lin = plain.get_submodule(mod_name)
+                parent, _, child = mod_name.rpartition(".")
+                setattr(plain.get_submodule(parent), child, LoraBeside(lin.weight, beside[mod_name], lin.bias))
+                del lin
         for full, _ in list(plain.named_buffers()):
             mod_name, _, bname = full.rpartition(".")
             src = base.get_buffer(full)
@@ -229,11 +272,23 @@ def merged_copy(model, dtype: torch.dtype = torch.bfloat16):
                     setattr(mod, attr, getattr(base.get_submodule(mod_name), attr).detach().clone())
     if deltas:
         raise SigilError(f"The adapter targets {sorted(deltas)[0]}, which is not a linear layer of the model; "
-                         "set eval.merge=false.")
+                         "set eval.weights=trained.")
     plain.tie_weights()
     plain.eval()
     plain.generation_config = copy.deepcopy(base.generation_config)
     return plain
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a (peft) model's linear layers multiply in: a 4-bit layer's compute dtype, else its weight's."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            return m.compute_dtype or m.weight.quant_state.dtype
+        if type(m) is torch.nn.Linear and m.weight.is_floating_point():
+            return m.weight.dtype
+    return torch.bfloat16
 
 
 def full_precision_bytes(model, dtype: torch.dtype = torch.bfloat16) -> int:

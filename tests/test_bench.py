@@ -156,7 +156,7 @@ def test_bench_tiny_e2e_rows_run_the_real_entrypoint(tmp_path):
     report = main(["--tiny", "--e2e-only", "--e2e", "h200,naive,plain_trl", "--e2e-steps", "3", "--gen",
                    "--work-dir", str(tmp_path), "--out", str(out)])
     gen = {r["path"]: r for r in report["generation"]}
-    assert set(gen) == {"old", "nf4_lora", "merged"}, report["generation"]
+    assert set(gen) == {"old", "nf4_lora", "dense", "merged"}, report["generation"]
     assert all(r["new_tokens_per_s"] > 0 and r["batch"] >= 1 for r in gen.values())
     e2e = {(e["preset"], e["data"]): e for e in report["e2e"]}
     assert set(e2e) == {(p, d) for p in ("h200", "naive", "plain_trl") for d in ("bundled", "pipeline")}

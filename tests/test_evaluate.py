@@ -286,6 +286,40 @@ def test_tiny_model_evaluation_end_to_end(tmp_path, tiny_model, problems):
     assert (logged["eval/samples/nrows"], logged["eval/samples/ncols"]) == (6, 5)
 
 
+def test_generate_only_evaluation_writes_completions_and_logs_their_speed(tmp_path, tiny_model):
+    """eval.generate_only=true (a training run on a GPU box without Rust): completions.jsonl and
+    generation.json, an earlier evaluation's verdicts removed, the speed in W&B; no rustc asked for."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    from sigil_exp.config import RunConfig
+    from sigil_exp.evaluate import check_eval_setup
+    from sigil_exp.tracking import read_offline_run
+    from tests.conftest import compose_cfg
+
+    model, tok = tiny_model
+    cfg: RunConfig = OmegaConf.to_object(compose_cfg("experiment=smoke", "eval.enabled=true", "eval.generate_only=true",
+                                                     "eval.limit=2", "eval.max_new_tokens=8"))
+    check_eval_setup(cfg)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.jsonl").write_text("{}\n")  # verdicts of other completions
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="sigil-test",
+                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    try:
+        metrics = run_evaluation(cfg, model, tok, tmp_path)
+    finally:
+        run.finish()
+    assert set(metrics) == {"eval/gen_tokens_per_s"} and metrics["eval/gen_tokens_per_s"] > 0
+    ev = tmp_path / "eval"
+    assert len((ev / "completions.jsonl").read_text().splitlines()) == 2 and not (ev / "results.jsonl").exists()
+    assert json.loads((ev / "generation.json").read_text())["gen_tokens_per_s"] == metrics["eval/gen_tokens_per_s"]
+    logged = read_offline_run(next((tmp_path / "wandb").glob("offline-run-*")))["summary"]
+    assert logged["eval/gen_tokens_per_s"] == metrics["eval/gen_tokens_per_s"]
+    cfg.eval.every_steps = 2
+    with pytest.raises(SigilError, match="eval.every_steps scores checkpoints by running their Rust"):
+        check_eval_setup(cfg)
+
+
 @needs_rustc
 def test_cli_on_an_adapter_folder_and_saved_completions(tmp_path, tiny_model, capsys):
     """`python -m sigil_exp.evaluate <run>/adapter` (config from ../resolved_config.yaml), then

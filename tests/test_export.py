@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from sigil_exp.artifacts import find_artifact, load_for_generation, load_run_config
 from sigil_exp.config import SigilError
 from sigil_exp.export import export, main, push_to_hub, to_gguf
-from sigil_exp.merge import lora_deltas, merge_into, merged_copy
+from sigil_exp.merge import full_precision_copy, lora_deltas, merge_into
 from sigil_exp.model import load_base_model, peft_config, resolve_model_path
 from tests.trained_run import trained_run
 
@@ -69,7 +69,7 @@ def _bf16_floor(trained, ref: torch.Tensor, exact: torch.Tensor, seqs) -> tuple[
     in bf16), or a bf16 copy of the merged weights vs float32 (the run computed in float32, as the CPU
     preset does on CPUs without native bf16); the larger gap."""
     r1, a1 = _compare(ref, exact)
-    r2, a2 = _compare(_logits(merged_copy(trained, torch.bfloat16), seqs), exact)
+    r2, a2 = _compare(_logits(full_precision_copy(trained, torch.bfloat16, merge=True), seqs), exact)
     return max(r1, r2), min(a1, a2)
 
 
@@ -85,7 +85,7 @@ def test_nf4_roundtrip_export_computes_what_training_saw(run, exports, capsys):
     seqs, learned = _texts(tok)
     learned = torch.cat(learned)
     ref = _logits(trained, seqs)
-    exact = _logits(merged_copy(trained, torch.float32), seqs)  # the same weights in float32 arithmetic
+    exact = _logits(full_precision_copy(trained, torch.float32, merge=True), seqs)  # the same weights in float32 arithmetic
     nf4 = AutoModelForCausalLM.from_pretrained(exports["nf4_roundtrip"])
     orig = AutoModelForCausalLM.from_pretrained(exports["original"])
     got_nf4 = _logits(nf4, seqs)
@@ -99,7 +99,7 @@ def test_nf4_roundtrip_export_computes_what_training_saw(run, exports, capsys):
               f"{a_orig:.4f}; bf16 vs float32 arithmetic on the same weights {r_bf16:.4f} / {a_bf16:.4f}")
     assert r_nf4 <= 2 * r_bf16 and a_nf4 >= min(0.95, a_bf16 - 0.02) and a_learned >= 0.99
     assert r_orig > 3 * r_nf4
-    merged = merged_copy(trained)
+    merged = full_precision_copy(trained, merge=True)
     for name, p in nf4.named_parameters():
         assert torch.equal(p, merged.get_parameter(name)), name
 
@@ -183,7 +183,7 @@ def test_lora_rslora_and_dora_adapters_merge(variant, run, tmp_path):
     art = find_artifact(fake)
     trained, _ = load_for_generation(art, cfg)
     ref = _logits(trained, seqs)
-    r_bf16, a_bf16 = _bf16_floor(trained, ref, _logits(merged_copy(trained, torch.float32), seqs), seqs)  # rounding alone
+    r_bf16, a_bf16 = _bf16_floor(trained, ref, _logits(full_precision_copy(trained, torch.float32, merge=True), seqs), seqs)  # rounding alone
     folder = export(art, cfg, tmp_path / "exp")
     rel, agree = _compare(_logits(AutoModelForCausalLM.from_pretrained(folder), seqs), ref)
     assert rel <= 2 * r_bf16 and agree >= a_bf16 - 0.05, (variant, rel, agree, r_bf16, a_bf16)

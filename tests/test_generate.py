@@ -1,5 +1,5 @@
 """Evaluation generation's fast path (own decode loop, sorted batches, shared prefill, finished rows
-dropped, merged copy) against the old path (transformers generate, 4-bit + LoRA, batches of 8), the
+dropped, in-place KV cache, dense copy with the adapter beside it, merged copy) against the old path (transformers generate, 4-bit + LoRA, batches of 8), the
 generation benchmark's code path, and the `python -m sigil_exp.generate` CLI. The adapter is the
 tiny model trained by the real CLI on two bundled problems (tests/trained_run.py)."""
 
@@ -38,24 +38,28 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def test_fast_path_greedy_completions_equal_the_old_path(trained, capsys):
     """Default settings (CPU: the 4-bit + LoRA model itself, every row in one sorted batch, rows
-    dropped as they finish) give the old path's completions exactly; the merged bf16 copy gives
-    them on the problems the adapter learned (elsewhere bf16 rounding may flip a near-tie)."""
+    dropped as they finish) and the dense copy (the dequantised weights in the compute dtype, the
+    adapter beside them) give the old path's completions exactly; the merged copy gives them on the
+    problems the adapter learned (elsewhere the rounding of W + s*B@A may flip a near-tie)."""
     model, tok = trained
     problems = load_problems(BUNDLED, 8)
-    old = generate_tokens(model, tok, problems, GenConfig(engine="hf", batch_size=8, merge=False, max_new_tokens=48))
+    old = generate_tokens(model, tok, problems, GenConfig(engine="hf", batch_size=8, weights="trained", max_new_tokens=48))
     fast = generate_tokens(model, tok, problems, gen_config(EvalConfig(max_new_tokens=48), "completion"))
-    merged = generate_tokens(model, tok, problems, GenConfig(merge=True, max_new_tokens=48))
-    by_row = {name: dict(zip(g.rows, g.ids, strict=True)) for name, g in [("old", old), ("fast", fast), ("merged", merged)]}
+    dense = generate_tokens(model, tok, problems, GenConfig(weights="dense", max_new_tokens=48))
+    merged = generate_tokens(model, tok, problems, GenConfig(weights="merged", max_new_tokens=48))
+    paths = [("old", old), ("fast", fast), ("dense", dense), ("merged", merged)]
+    by_row = {name: dict(zip(g.rows, g.ids, strict=True)) for name, g in paths}
     keys = sorted(by_row["old"])
-    assert fast.stats["model"] == "adapter" and merged.stats["model"] == "merged"
+    assert [g.stats["model"] for _, g in paths] == ["trained", "trained", "dense", "merged"]
     assert fast.stats["batch"] == 8 and fast.stats["waves"] == 1 and old.stats["waves"] == 1
     assert [by_row["fast"][k] for k in keys] == [by_row["old"][k] for k in keys]
+    assert [by_row["dense"][k] for k in keys] == [by_row["old"][k] for k in keys]
     learned = [k for k in keys if k[0] < N_PROBLEMS]
     assert [by_row["merged"][k] for k in learned] == [by_row["old"][k] for k in learned]
     with capsys.disabled():
-        print(f"\n[generate] greedy token agreement with the old path on 8 problems: fast (4-bit+LoRA) "
-              f"{_agreement([by_row['fast'][k] for k in keys], [by_row['old'][k] for k in keys]):.4f}, merged bf16 "
-              f"{_agreement([by_row['merged'][k] for k in keys], [by_row['old'][k] for k in keys]):.4f}")
+        print("\n[generate] greedy token agreement with the old path on 8 problems: " + ", ".join(
+            f"{name} {_agreement([by_row[name][k] for k in keys], [by_row['old'][k] for k in keys]):.4f}"
+            for name in ("fast", "dense", "merged")))
     texts = generate_completions(model, tok, problems[:2], GenConfig(max_new_tokens=48))
     assert [c.completion for c in texts] == [p.canonical_solution.rstrip("\n") for p in problems[:2]]
 
@@ -78,13 +82,26 @@ def test_samples_share_their_prompt_and_batches_are_capped(trained):
     assert waves.stats["waves"] == 2 and waves.ids == whole.ids and waves.rows == whole.rows
 
 
-def test_merge_choice_and_eval_keys(trained):
-    model, _ = trained
-    assert generation_model(model, None)[1] == "adapter"  # auto on the CPU: the trained model itself
-    copy, how, _ = generation_model(model, True)
-    assert how == "merged" and not hasattr(copy, "peft_config")
-    assert gen_config(EvalConfig(batch_size=64, merge="false", compile=True), "completion") == GenConfig(
-        batch_size=64, merge=False, engine="static", max_new_tokens=512)
+def test_weights_choice_and_eval_keys(trained):
+    """auto keeps the trained model on the CPU; the dense copy holds the dequantised weights with each
+    adapter beside its layer and computes the trained model's logits; the merged copy holds no adapter."""
+    import torch
+
+    from sigil_exp.merge import LoraBeside
+
+    model, tok = trained
+    assert generation_model(model, "auto")[1] == "trained"  # auto on the CPU: the trained model itself
+    ids = torch.tensor([tok("fn add(a: i32, b: i32) -> i32 {")["input_ids"]])
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        for weights in ("dense", "merged"):
+            copy, how, _ = generation_model(model, weights)
+            beside = [m for m in copy.modules() if isinstance(m, LoraBeside)]
+            assert how == weights and not hasattr(copy, "peft_config")
+            assert len(beside) == (7 * copy.config.num_hidden_layers if weights == "dense" else 0)
+            torch.testing.assert_close(copy(input_ids=ids).logits, want, atol=2e-4, rtol=1e-4)
+    assert gen_config(EvalConfig(batch_size=64, weights="trained", compile=True), "completion") == GenConfig(
+        batch_size=64, weights="trained", engine="static", max_new_tokens=512)
     from sigil_exp.preflight import allocation_cap_gb
 
     hw = to_object(compose_cfg("hardware=consumer_24gb")).hardware
@@ -92,8 +109,8 @@ def test_merge_choice_and_eval_keys(trained):
     assert allocation_cap_gb(to_object(compose_cfg("hardware=cpu")).hardware) is None
     with pytest.raises(SigilError, match="eval.batch_size='big' must be auto or a positive integer"):
         gen_config(EvalConfig(batch_size="big"), "completion")
-    with pytest.raises(SigilError, match="eval.merge='maybe' must be auto, true or false"):
-        gen_config(EvalConfig(merge="maybe"), "completion")
+    with pytest.raises(SigilError, match="eval.weights='maybe' must be one of auto, trained, dense, merged"):
+        gen_config(EvalConfig(weights="maybe"), "completion")
 
 
 def test_static_cache_engine_runs(trained):
@@ -111,12 +128,14 @@ def test_gen_bench_tiny_compares_the_paths(tmp_path):
 
     report = main(["--tiny", "--out", str(tmp_path / "gen.json")])
     rows = {r["path"]: r for r in report["rows"]}
-    assert set(rows) == {"old", "nf4_lora", "merged"} and json.loads((tmp_path / "gen.json").read_text())["rows"]
+    assert set(rows) == {"old", "nf4_lora", "dense", "merged"} and json.loads((tmp_path / "gen.json").read_text())["rows"]
     for r in rows.values():
         assert r["new_tokens"] == r["rows"] * report["max_new_tokens"] and r["new_tokens_per_s"] > 0
         assert 0.0 <= r["token_agreement"] <= 1.0
     assert rows["old"]["token_agreement"] == 1.0 and rows["nf4_lora"]["token_agreement"] == 1.0
-    assert rows["old"]["batch"] == 6 and rows["merged"]["model"] == "merged"
+    assert rows["old"]["batch"] == 6 and rows["merged"]["model"] == "merged" and rows["dense"]["model"] == "dense"
+    assert rows["old"]["teacher_forced_agreement"] == 1.0 and rows["old"]["forced_positions"] == 2 * 8
+    assert rows["dense"]["teacher_forced_agreement"] == 1.0  # the trained model's top token at every position
 
 
 @pytest.mark.parametrize("what", ["run", "export"])
@@ -139,15 +158,15 @@ def test_generate_cli_streams_in_the_training_format(what, run, tmp_path, capsys
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_paths_auto_merge_and_speed(tmp_path):
-    """On CUDA: auto merges when the copy fits, and every path runs on a small random Llama; the
-    merged path is faster than the old one."""
+def test_gpu_paths_auto_dense_copy_and_speed(tmp_path):
+    """On CUDA: auto builds the dense copy when it fits, and every path runs on a small random Llama;
+    the dense path is faster than the old one."""
     from sigil_exp.evaluate.gen_bench import load_bench_model, main
 
     report = main(["--model", str(tmp_path / "m"), "--shape", "small", "--ignore-stop", "--n-samples", "4",
-                   "--limit", "16", "--max-new-tokens", "64", "--paths", "old,nf4_lora,merged,static", "--device", "cuda"])
+                   "--limit", "16", "--max-new-tokens", "64", "--paths", "old,nf4_lora,dense,merged,static", "--device", "cuda"])
     rows = {r["path"]: r for r in report["rows"]}
-    assert rows["merged"]["model"] == "merged" and all(r["peak_gb"] for r in rows.values())
-    assert rows["merged"]["new_tokens_per_s"] > rows["old"]["new_tokens_per_s"]
+    assert rows["dense"]["model"] == "dense" and all(r["peak_gb"] for r in rows.values())
+    assert rows["dense"]["new_tokens_per_s"] > rows["old"]["new_tokens_per_s"]
     model, _ = load_bench_model(tmp_path / "m", None, "cuda")
-    assert generation_model(model, None)[1] == "merged"
+    assert generation_model(model, "auto")[1] == "dense"

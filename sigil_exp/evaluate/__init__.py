@@ -28,6 +28,7 @@ from sigil_exp.evaluate.execute import (
     find_toolchain,
 )
 from sigil_exp.evaluate.generate import (
+    WEIGHTS,
     Completion,
     GenConfig,
     generate_completions,
@@ -60,17 +61,16 @@ def exec_config(ev: EvalConfig) -> ExecConfig:
 
 def gen_config(ev: EvalConfig, fmt: str, memory_gb: float | None = None) -> GenConfig:
     """The generation settings of `eval.*` (`memory_gb`: the run's `allocation_cap_gb`); a bad
-    eval.batch_size / eval.merge is one sentence."""
+    eval.batch_size / eval.weights is one sentence."""
     batch = ev.batch_size
     if batch != "auto" and not (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0):
         raise SigilError(f"eval.batch_size={batch!r} must be auto or a positive integer (a cap on rows per batch).")
-    merge = {"auto": None, True: True, False: False, "true": True, "false": False}.get(
-        ev.merge.lower() if isinstance(ev.merge, str) else ev.merge, "bad")
-    if merge == "bad":
-        raise SigilError(f"eval.merge={ev.merge!r} must be auto, true or false.")
+    if ev.weights not in WEIGHTS:
+        raise SigilError(f"eval.weights={ev.weights!r} must be one of {', '.join(WEIGHTS)} "
+                         "(what generation multiplies by).")
     return GenConfig(fmt=fmt, n_samples=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p,
                      max_new_tokens=ev.max_new_tokens, batch_size=0 if batch == "auto" else batch, seed=ev.seed,
-                     merge=merge, engine="static" if ev.compile else "sigil", memory_gb=memory_gb)
+                     weights=ev.weights, engine="static" if ev.compile else "sigil", memory_gb=memory_gb)
 
 
 def check_eval_setup(cfg: RunConfig) -> None:
@@ -83,19 +83,24 @@ def check_eval_setup(cfg: RunConfig) -> None:
         from sigil_exp.evaluate.during_training import select_problems
 
         select_problems(cfg)  # eval.subset names problems of eval.problems
-    gen_config(cfg.eval, cfg.data.format)  # eval.batch_size / eval.merge
-    find_toolchain()
-    check_root_compile(detect_sandbox(cfg.eval.sandbox), cfg.eval.sandbox_allow_root)  # rustc as root: refused now
+    gen_config(cfg.eval, cfg.data.format)  # eval.batch_size / eval.weights
+    if cfg.eval.generate_only:
+        if cfg.eval.every_steps > 0:
+            raise SigilError("eval.every_steps scores checkpoints by running their Rust, which eval.generate_only=true "
+                             "skips; set eval.every_steps=0 or eval.generate_only=false.")
+    else:
+        find_toolchain()
+        check_root_compile(detect_sandbox(cfg.eval.sandbox), cfg.eval.sandbox_allow_root)  # rustc as root: refused now
     if cfg.data.format not in ("completion", "chat", "text"):
         raise SigilError(f"data.format={cfg.data.format!r} cannot be evaluated; set eval.enabled=false.")
 
 
-def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path,
-                   generate_only: bool = False) -> dict[str, float]:
+def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path) -> dict[str, float]:
     """Generate, save completions, execute, write results + metrics, log to W&B; flat metrics back.
-    `generate_only`: stop after eval/completions.jsonl and eval/generation.json (a GPU box without
+    eval.generate_only: stop after eval/completions.jsonl and eval/generation.json (a GPU box without
     Rust; `python -m sigil_exp.evaluate --completions` executes them where rustc is)."""
     ev = cfg.eval
+    generate_only = ev.generate_only
     problems = load_problems(ev.problems, ev.limit)
     if not generate_only:
         toolchain = find_toolchain()  # fail before spending time on generation
@@ -117,7 +122,9 @@ def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, out_dir: Path,
         for stale in ("results.jsonl", "metrics.json"):  # an earlier evaluation's verdicts on other completions
             (eval_dir / stale).unlink(missing_ok=True)
         (eval_dir / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
-        return {"eval/gen_tokens_per_s": generation["gen_tokens_per_s"]}
+        metrics = {"eval/gen_tokens_per_s": generation["gen_tokens_per_s"]}
+        _log_generation(metrics)
+        return metrics
     metrics = execute_completions(completions, ev, eval_dir, sandbox=sandbox, toolchain=toolchain, extra=generation,
                                   extra_metrics={"eval/gen_tokens_per_s": generation["gen_tokens_per_s"]})  # W&B too
     log_to_wandb(metrics, eval_dir)
@@ -151,13 +158,27 @@ def execute_completions(completions: list[Completion], ev: EvalConfig, eval_dir:
     return metrics
 
 
-def log_to_wandb(metrics: dict[str, float], eval_dir: Path) -> None:
-    """Metrics and an `eval/samples` table into the active W&B run, if there is one."""
+def _active_wandb():
     try:
         import wandb
     except ImportError:
-        return
-    if wandb.run is None:
+        return None
+    return wandb if wandb.run is not None else None
+
+
+def _log_generation(metrics: dict[str, float]) -> None:
+    """A generate-only evaluation's speed into the active W&B run, if there is one."""
+    wandb = _active_wandb()
+    if wandb is not None:
+        wandb.log(metrics)
+        for k, v in metrics.items():
+            wandb.run.summary[k] = v
+
+
+def log_to_wandb(metrics: dict[str, float], eval_dir: Path) -> None:
+    """Metrics and an `eval/samples` table into the active W&B run, if there is one."""
+    wandb = _active_wandb()
+    if wandb is None:
         return
     rows = []
     with (eval_dir / "results.jsonl").open(encoding="utf-8") as f:

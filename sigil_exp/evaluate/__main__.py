@@ -26,7 +26,8 @@ def _eval_overrides(ev: EvalConfig, args: argparse.Namespace) -> EvalConfig:
     changes = {k: v for k, v in {
         "problems": args.problems, "limit": args.limit, "n_samples": args.n_samples, "workers": args.workers,
         "temperature": args.temperature, "sandbox": args.sandbox, "crate_size": args.crate_size,
-        "clippy": True if args.clippy else None, "merge": args.merge, "batch_size": args.batch_size,
+        "clippy": True if args.clippy else None, "weights": args.weights, "batch_size": args.batch_size,
+        "generate_only": True if args.generate_only else None,
     }.items() if v is not None}
     return dataclasses.replace(ev, **changes)
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sandbox", choices=["auto", "namespaces", "rlimits"])
     ap.add_argument("--clippy", action="store_true", help="count clippy warnings too")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="override hardware.device of the run")
-    ap.add_argument("--merge", choices=["auto", "true", "false"], help="eval.merge: generate with the adapter merged")
+    ap.add_argument("--weights", choices=["auto", "trained", "dense", "merged"], help="eval.weights: what generation "
+                    "multiplies by (trained: 4-bit + LoRA; dense: a bf16 copy, adapter beside; merged: adapter merged)")
     ap.add_argument("--batch-size", type=_batch_size, help="eval.batch_size: auto or a cap on rows per batch")
     ap.add_argument("--generate-only", action="store_true", help="write eval/completions.jsonl and stop (no Rust "
                     "here: execute them elsewhere with --completions)")
@@ -109,8 +111,8 @@ def _main(args: argparse.Namespace) -> int:
     cfg.eval = ev
     model, tokenizer = load_for_generation(art, cfg)
     out = args.out or art.run or art.path
-    metrics = run_evaluation(cfg, model, tokenizer, out, generate_only=args.generate_only)
-    if args.generate_only:
+    metrics = run_evaluation(cfg, model, tokenizer, out)
+    if ev.generate_only:
         print(f"generated {metrics['eval/gen_tokens_per_s']:.0f} new tokens/s; completions: "
               f"{out / 'eval' / 'completions.jsonl'} (execute: python -m sigil_exp.evaluate --completions <that file>)")
         return 0

@@ -1,7 +1,8 @@
 """The evaluation's own decode loop (`eval.compile=false`, the default): one batch of rows
 (every sample of every problem, as many as memory allows), each problem's prompt prefilled once
 and shared by its samples, every row stopped on its own (EOS, or the function's closing brace) and
-dropped from the batch, KV cache included, as rows finish.
+dropped from the batch, KV cache included, as rows finish. The KV cache is allocated once for the
+prompt plus max_new_tokens and written in place (`_BufferLayer`); each step's attention reads views.
 
 Greedy picks the argmax of the same float32 logits transformers' `generate` uses; sampling applies
 temperature then top-p as transformers' warpers do, from a seeded generator.
@@ -14,6 +15,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,53 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _concat(caches: list, config):
+def _preallocated(caches: list, config, sel: torch.Tensor, capacity: int):
+    """One DynamicCache for the decode: row i holds the prefill of prompt sel[i] (the chunks' caches
+    concatenated, then selected), in buffers of `capacity` positions allocated once (`_BufferLayer`)."""
     from transformers import DynamicCache
 
-    if len(caches) == 1:
-        return caches[0]
     out = DynamicCache(config=config)
     for i in range(len(caches[0].layers)):
-        out.update(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]), i)
+        keys, values = (torch.cat([getattr(c.layers[i], a) for c in caches]) for a in ("keys", "values"))
+        for c in caches:  # free the chunk's layer as soon as it is copied
+            c.layers[i].keys = c.layers[i].values = None
+        out.layers[i] = _BufferLayer(keys[sel], values[sel], capacity)
     return out
+
+
+class _BufferLayer(DynamicLayer):
+    """A DynamicLayer that writes each step's keys/values in place into buffers of `capacity`
+    positions and hands attention views of the filled part. DynamicLayer's `torch.cat` copies the
+    whole cache, every layer, every step: at 620 rows of 8B shapes that is tens of GB per step."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.dtype, self.device, self.n = keys.dtype, keys.device, keys.shape[-2]
+        shape = (*keys.shape[:-2], max(capacity, self.n), keys.shape[-1])
+        self.buf_k, self.buf_v = keys.new_empty(shape), values.new_empty(shape)
+        self.buf_k[..., :self.n, :] = keys
+        self.buf_v[..., :self.n, :] = values
+        self._views()
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys, self.values = self.buf_k[..., :self.n, :], self.buf_v[..., :self.n, :]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        q = key_states.shape[-2]
+        if self.n + q > self.buf_k.shape[-2]:  # past the planned length (decode_batch never is): grow
+            extra = (*self.buf_k.shape[:-2], self.n + q, self.buf_k.shape[-1])
+            self.buf_k = torch.cat([self.buf_k, self.buf_k.new_empty(extra)], dim=-2)
+            self.buf_v = torch.cat([self.buf_v, self.buf_v.new_empty(extra)], dim=-2)
+        self.buf_k[..., self.n:self.n + q, :] = key_states
+        self.buf_v[..., self.n:self.n + q, :] = value_states
+        self.n += q
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+        self._views()
 
 
 def choose(logits: torch.Tensor, p: DecodeParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -88,10 +128,9 @@ def decode_batch(model, prompts: list[list[int]], row_prompt: list[int], p: Deco
                     use_cache=True, logits_to_keep=1, **{kw: c})
         logits.append(out.logits[:, -1].float())
         caches.append(c)
-    cache = _concat(caches, config)
+    sel = torch.tensor(row_prompt, device=device)  # the samples of a problem share its prefill
+    cache = _preallocated(caches, config, sel, width + p.max_new_tokens)
     del caches, out
-    sel = torch.tensor(row_prompt, device=device)
-    cache.batch_select_indices(sel)  # the samples of a problem share its prefill
     mask, logits = mask[sel], torch.cat(logits)[sel]
     pos = mask.sum(-1) - 1
 

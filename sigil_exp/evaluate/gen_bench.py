@@ -11,9 +11,10 @@ Paths (each one `generate_tokens` call on the same problems, sampled at --temper
             evaluation before this benchmark (run on the first --old-rows rows only: it is slow)
   nf4_lora  4-bit base + LoRA, the own decode loop: every row in one batch as memory allows, sorted by
             prompt length, each problem prefilled once, finished rows dropped (what a small GPU keeps)
-  merged    the adapter merged into a bf16 copy built from the 4-bit weights, the own loop: the default
-            when the copy fits (eval.merge=auto)
-  static    merged, transformers generate with a static KV cache, compiled on CUDA (eval.compile=true)
+  dense     a bf16 copy of the dequantised 4-bit weights with the adapter beside it (not merged), the own
+            loop: the default when the copy fits (eval.weights=auto)
+  merged    the adapter merged into that bf16 copy (export's weights), the own loop (eval.weights=merged)
+  static    dense, transformers generate with a static KV cache, compiled on CUDA (eval.compile=true)
 
 Agreement, greedy, on the first --agree-problems problems: `token_agreement` compares each path's own
 greedy text with the old path's position by position (after one flipped near-tie a row follows another
@@ -39,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 PATHS = {  # name -> GenConfig changes
-    "old": {"engine": "hf", "batch_size": 8, "merge": False},
-    "nf4_lora": {"engine": "sigil", "merge": False},
-    "merged": {"engine": "sigil", "merge": True},
-    "static": {"engine": "static", "merge": True},
+    "old": {"engine": "hf", "batch_size": 8, "weights": "trained"},
+    "nf4_lora": {"engine": "sigil", "weights": "trained"},
+    "dense": {"engine": "sigil", "weights": "dense"},
+    "merged": {"engine": "sigil", "weights": "merged"},
+    "static": {"engine": "static", "weights": "dense"},
 }
-DEFAULT_PATHS = ("old", "nf4_lora", "merged")
+DEFAULT_PATHS = ("old", "nf4_lora", "dense", "merged")
 
 
 def load_bench_model(model_dir: str | Path, adapter_dir: str | Path | None, device: str):
@@ -90,29 +92,45 @@ def _agreement(ref: list[list[int]], other: list[list[int]]) -> dict[str, float]
             "rows_identical": round(sum(r == o for r, o in zip(ref, other, strict=True)) / max(len(ref), 1), 4)}
 
 
-def _teacher_forced(model, tok, problems, merge: bool, ref: list[list[int]]) -> dict[str, float]:
-    """Share of the reference's greedy tokens that this path's model also ranks first when fed the
-    reference's own prefix: the rounding difference alone, without free-running generation's
-    divergence (after one flipped near-tie a free-running row follows another text)."""
+def _forced_logits(model, tok, problems, weights: str, ref: list[list[int]]) -> list:
+    """Float32 logits (on the CPU) that `weights`' model gives at each position of the reference's greedy
+    tokens when fed the reference's own prefix, one full forward per problem."""
     import torch
 
     from sigil_exp.evaluate.generate import _free_cuda, _model_inputs, generation_model
 
-    gen_model, how, _ = generation_model(model, merge)
+    gen_model, _, _ = generation_model(model, weights)
     inputs = _model_inputs(tok, problems, "completion")
     device = next(gen_model.parameters()).device
-    same = total = 0
+    out = []
     with torch.inference_mode():
         for prompt, gen in zip(inputs, ref, strict=True):
-            if not gen:
-                continue
             logits = gen_model(input_ids=torch.tensor([prompt + gen], device=device)).logits[0]
-            pred = logits[len(prompt) - 1:len(prompt) + len(gen) - 1].argmax(-1).tolist()
-            same, total = same + sum(a == b for a, b in zip(pred, gen, strict=True)), total + len(gen)
-    if how == "merged":
+            out.append(logits[len(prompt) - 1:len(prompt) + len(gen) - 1].float().cpu())
+    if gen_model is not model:
         del gen_model
         _free_cuda()
-    return {"teacher_forced_agreement": round(same / max(total, 1), 4)}
+    return out
+
+
+def _teacher_forced(ref_logits: list, logits: list) -> dict[str, float]:
+    """Rounding alone, without free-running divergence (after one flipped near-tie a free-running row
+    follows another text): the share of positions where this path ranks first the token the reference
+    model ranks first on the same prefix, and the share of the disagreements that are near-ties (the
+    reference's top-2 gap below this path's largest logit difference there)."""
+
+    same = total = ties = 0
+    for r, o in zip(ref_logits, logits, strict=True):
+        if not len(r):
+            continue
+        agree = r.argmax(-1) == o.argmax(-1)
+        top2 = r.topk(2, dim=-1).values
+        near = (top2[:, 0] - top2[:, 1]) <= (o - r).abs().amax(-1)
+        same, total = same + int(agree.sum()), total + len(r)
+        ties += int((~agree & near).sum())
+    return {"teacher_forced_agreement": round(same / max(total, 1), 4),
+            "disagreements_at_near_ties": round(ties / max(total - same, 1), 4) if total > same else None,
+            "forced_positions": total}
 
 
 def bench_generation(model_dir, adapter_dir, problems, n_samples: int, paths=DEFAULT_PATHS, device: str = "cuda", *,
@@ -156,14 +174,36 @@ def bench_generation(model_dir, adapter_dir, problems, n_samples: int, paths=DEF
         ids = [x for _, x in sorted(zip(g.rows, g.ids, strict=True))]
         ref = ref or ids
         row.update(_agreement(ref, ids))
+    forced = {}
     for row in rows:
-        row.update(_teacher_forced(model, tok, problems[:agree_problems], PATHS[row["path"]]["merge"], ref))
+        w = PATHS[row["path"]]["weights"]
+        forced[w] = forced.get(w) or _forced_logits(model, tok, problems[:agree_problems], w, ref)
+        row.update(_teacher_forced(forced[PATHS[rows[0]["path"]]["weights"]], forced[w]))
     return rows
+
+
+def profile_path(model_dir, adapter_dir, problems, n_samples: int, path: str, device: str, *, temperature: float,
+                 max_new_tokens: int, memory_gb: float | None = None, top: int = 25) -> str:
+    """torch.profiler's table (top `top` ops by device time) of one path generating `max_new_tokens`
+    for every row: where a decode step's time goes. It explains a tokens/s figure; it is not one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sigil_exp.evaluate.generate import GenConfig, generate_tokens
+
+    model, tok = load_bench_model(model_dir, adapter_dir, device)
+    cfg = GenConfig(n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens, ignore_stop=True,
+                    memory_gb=memory_gb, **PATHS[path])
+    generate_tokens(model, tok, problems[:2], replace(cfg, max_new_tokens=4))  # warm-up: kernels, allocator
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        g = generate_tokens(model, tok, problems, cfg)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    return f"{path}: {g.stats}\n" + prof.key_averages().table(sort_by=key, row_limit=top)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     cols = ["path", "batch", "rows", "new_tokens", "new_tokens_per_s", "peak_gb", "seconds", "merge_s", "token_agreement",
-            "teacher_forced_agreement"]
+            "teacher_forced_agreement", "disagreements_at_near_ties"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
@@ -191,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU: the code path in seconds")
     ap.add_argument("--out", type=Path, help="write the report as JSON here")
+    ap.add_argument("--profile", metavar="PATH", help="instead: profile this path (torch.profiler, top ops by device "
+                    "time) over --max-new-tokens steps and print the table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -218,6 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.empty_cache()
     problems = load_problems(args.problems, args.limit)
+    if args.profile:
+        print(profile_path(model_dir, args.adapter, problems, args.n_samples, args.profile, device,
+                           temperature=args.temperature, max_new_tokens=args.max_new_tokens, memory_gb=args.memory_gb))
+        return {}
     t0 = time.perf_counter()
     rows = bench_generation(model_dir, args.adapter, problems, args.n_samples, [p for p in args.paths.split(",") if p],
                             device, temperature=args.temperature, max_new_tokens=args.max_new_tokens,

@@ -25,6 +25,7 @@ from sigil_exp.evaluate.rust_lex import body_end
 log = logging.getLogger(__name__)
 
 ENGINES = ("sigil", "static", "hf")
+WEIGHTS = ("auto", "trained", "dense", "merged")
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*[ \t]*\n(.*?)(?:```|\Z)", re.S)
 
 
@@ -37,7 +38,9 @@ class GenConfig:
     max_new_tokens: int = 512
     batch_size: int = 0  # rows per batch at most; 0 = as many as memory allows
     seed: int = 0
-    merge: bool | None = None  # merge the adapter into a bf16 copy; None = auto (CUDA and it fits)
+    # trained (the model as trained: 4-bit base + LoRA) | dense (a copy of the dequantised base in the compute dtype,
+    # the adapter beside it: the same weights, faster) | merged (the adapter merged into it) | auto (dense on CUDA if it fits)
+    weights: str = "auto"
     engine: str = "sigil"  # sigil (own loop) | static (transformers generate, static cache, compiled on CUDA) | hf (generate: the old path)
     ignore_stop: bool = False  # benchmarks on random weights: no EOS or brace stop, every row runs to max_new_tokens
     memory_gb: float | None = None  # CUDA: the most the process may hold (hardware.gpu_memory_gb); None = all that is free
@@ -119,6 +122,8 @@ def _checked(cfg: GenConfig, tokenizer) -> GenConfig:
         raise SigilError(f"data.format={cfg.fmt!r} cannot be evaluated; use data.format=completion, chat or text.")
     if cfg.fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise SigilError("data.format=chat but the tokenizer has no chat template; evaluate with data.format=completion.")
+    if cfg.weights not in WEIGHTS:
+        raise SigilError(f"eval.weights={cfg.weights!r} is not one of {', '.join(WEIGHTS)}.")
     if cfg.engine not in ENGINES:
         raise SigilError(f"engine={cfg.engine!r} is not one of {', '.join(ENGINES)}.")
     return cfg
@@ -132,7 +137,7 @@ class Generated:
 
 
 def generate_tokens(model, tokenizer, problems: list[Problem], cfg: GenConfig) -> Generated:
-    """Every sample of every problem: the adapter merged into a bf16 copy when chosen/affordable
+    """Every sample of every problem: on a dense copy of the model when chosen/affordable
     (`generation_model`), rows sorted by prompt length in batches as large as memory allows."""
     import torch
 
@@ -145,7 +150,7 @@ def generate_tokens(model, tokenizer, problems: list[Problem], cfg: GenConfig) -
     inputs = _model_inputs(tokenizer, problems, cfg.fmt)
     was_training = model.training
     model.eval()
-    gen_model, how, merge_s = generation_model(model, cfg.merge, cfg.memory_gb)
+    gen_model, how, merge_s = generation_model(model, cfg.weights, cfg.memory_gb)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -161,7 +166,7 @@ def generate_tokens(model, tokenizer, problems: list[Problem], cfg: GenConfig) -
         seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)
-        if how == "merged":
+        if gen_model is not model:
             del gen_model
             _free_cuda()
     new_tokens = sum(len(x) for x in ids)
@@ -236,34 +241,37 @@ def _hf_generate(model, tokenizer, prompts: list[list[int]], entry_points: list[
     return out
 
 
-def generation_model(model, merge: bool | None, memory_gb: float | None = None):
-    """(model to generate with, "merged" | "adapter" | "plain", seconds spent merging).
+def generation_model(model, weights: str = "auto", memory_gb: float | None = None):
+    """(model to generate with, "trained" | "dense" | "merged" | "plain", seconds spent building it).
 
-    A peft model is merged into a bf16 copy built from its own (4-bit) weights when `merge` is
-    true, or when None (auto) on CUDA if the copy, a first batch's KV cache and some slack fit in
-    the room left (`cuda_room`). On the CPU auto keeps the trained model itself: exact, and no copy to build."""
+    A peft model gets a copy in its compute dtype (bf16 on GPUs) built from its own (4-bit) weights
+    (`full_precision_copy`: "dense" keeps the adapter beside the dequantised weights, "merged" merges
+    it) when `weights` asks, or
+    under "auto" on CUDA if the copy, a first batch's KV cache and some slack fit in the room left
+    (`cuda_room`). On the CPU auto keeps the trained model itself: exact, and no copy to build."""
     import torch
 
-    from sigil_exp.merge import full_precision_bytes, merged_copy
+    from sigil_exp.merge import compute_dtype, full_precision_bytes, full_precision_copy
 
     if not hasattr(model, "peft_config"):
         return model, "plain", 0.0
-    device = next(model.parameters()).device
-    if merge is None:
-        merge = False
+    device, dtype = next(model.parameters()).device, compute_dtype(model)
+    if weights == "auto":
+        weights = "trained"
         if device.type == "cuda" and not _has_int8(model):
             _free_cuda()
-            need, room = full_precision_bytes(model), cuda_room(device, memory_gb)
+            need, room = full_precision_bytes(model, dtype), cuda_room(device, memory_gb)
             total = torch.cuda.mem_get_info(device)[1] if memory_gb is None else int(memory_gb * 1e9)
-            merge = need + max(4 << 30, total // 10) < room
-            log.info("eval.merge=auto: a merged bf16 copy needs %.1f GB, %.1f GB left -> %s", need / 1e9, room / 1e9,
-                     "merge" if merge else "4-bit + LoRA")
-    if not merge:
-        return model, "adapter", 0.0
+            weights = "dense" if need + max(4 << 30, total // 10) < room else "trained"
+            log.info("eval.weights=auto: a dense copy needs %.1f GB, %.1f GB left -> %s", need / 1e9, room / 1e9,
+                     weights)
+    if weights == "trained":
+        return model, "trained", 0.0
     t0 = time.perf_counter()
-    merged = merged_copy(model)
-    log.info("merged the adapter into a bf16 copy of the base in %.1fs", time.perf_counter() - t0)
-    return merged, "merged", time.perf_counter() - t0
+    copy = full_precision_copy(model, dtype, merge=weights == "merged")
+    log.info("built a %s copy of the model (adapter %s) in %.1fs", str(dtype).removeprefix("torch."),
+             "merged" if weights == "merged" else "beside", time.perf_counter() - t0)
+    return copy, weights, time.perf_counter() - t0
 
 
 def cuda_room(device, memory_gb: float | None) -> int:
