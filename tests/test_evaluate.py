@@ -245,11 +245,22 @@ def test_completions_jsonl_round_trip(tmp_path, tiny_model, problems):
         read_completions(tmp_path / "bad.jsonl")
 
 
+def _evaluate_in_offline_wandb(cfg, model, tok, tmp_path):
+    """run_evaluation inside an offline W&B run under tmp_path (read back with read_offline_run)."""
+    import wandb
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="sigil-test",
+                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    try:
+        return run_evaluation(cfg, model, tok, tmp_path)
+    finally:
+        run.finish()
+
+
 @needs_rustc
 def test_tiny_model_evaluation_end_to_end(tmp_path, tiny_model, problems):
     """Generate -> completions.jsonl -> execute -> results/metrics (+ W&B) on 3 problems, then
     re-execute the saved completions without the model. A random model scores ~0: that is fine."""
-    import wandb
     from omegaconf import OmegaConf
 
     from sigil_exp.config import RunConfig
@@ -261,12 +272,7 @@ def test_tiny_model_evaluation_end_to_end(tmp_path, tiny_model, problems):
     cfg: RunConfig = OmegaConf.to_object(compose_cfg("experiment=smoke"))
     cfg.eval = EvalConfig(enabled=True, limit=3, n_samples=2, temperature=0.7, max_new_tokens=24, batch_size=6,
                           timeout_s=5)
-    run = wandb.init(mode="offline", dir=str(tmp_path), project="sigil-test",
-                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
-    try:
-        metrics = run_evaluation(cfg, model, tok, tmp_path)
-    finally:
-        run.finish()
+    metrics = _evaluate_in_offline_wandb(cfg, model, tok, tmp_path)
     assert tok.padding_side == "right"  # restored after left-padded generation
     ev = tmp_path / "eval"
     comps = [json.loads(line) for line in (ev / "completions.jsonl").read_text().splitlines()]
@@ -289,7 +295,6 @@ def test_tiny_model_evaluation_end_to_end(tmp_path, tiny_model, problems):
 def test_generate_only_evaluation_writes_completions_and_logs_their_speed(tmp_path, tiny_model):
     """eval.generate_only=true (a training run on a GPU box without Rust): completions.jsonl and
     generation.json, an earlier evaluation's verdicts removed, the speed in W&B; no rustc asked for."""
-    import wandb
     from omegaconf import OmegaConf
 
     from sigil_exp.config import RunConfig
@@ -303,12 +308,7 @@ def test_generate_only_evaluation_writes_completions_and_logs_their_speed(tmp_pa
     check_eval_setup(cfg)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.jsonl").write_text("{}\n")  # verdicts of other completions
-    run = wandb.init(mode="offline", dir=str(tmp_path), project="sigil-test",
-                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
-    try:
-        metrics = run_evaluation(cfg, model, tok, tmp_path)
-    finally:
-        run.finish()
+    metrics = _evaluate_in_offline_wandb(cfg, model, tok, tmp_path)
     assert set(metrics) == {"eval/gen_tokens_per_s"} and metrics["eval/gen_tokens_per_s"] > 0
     ev = tmp_path / "eval"
     assert len((ev / "completions.jsonl").read_text().splitlines()) == 2 and not (ev / "results.jsonl").exists()
