@@ -68,11 +68,7 @@ class _BufferLayer(DynamicLayer):
         self.keys, self.values = self.buf_k[..., :self.n, :], self.buf_v[..., :self.n, :]
 
     def update(self, key_states, value_states, *args, **kwargs):
-        q = key_states.shape[-2]
-        if self.n + q > self.buf_k.shape[-2]:  # past the planned length (decode_batch never is): grow
-            extra = (*self.buf_k.shape[:-2], self.n + q, self.buf_k.shape[-1])
-            self.buf_k = torch.cat([self.buf_k, self.buf_k.new_empty(extra)], dim=-2)
-            self.buf_v = torch.cat([self.buf_v, self.buf_v.new_empty(extra)], dim=-2)
+        q = key_states.shape[-2]  # decode_batch plans the capacity: prompt width + max_new_tokens
         self.buf_k[..., self.n:self.n + q, :] = key_states
         self.buf_v[..., self.n:self.n + q, :] = value_states
         self.n += q
